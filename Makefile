@@ -1,0 +1,62 @@
+# Entry points. Every target installs what it needs first (a .venv with the
+# locked dependencies, the Temporal CLI, grpcurl and buf among them), so a
+# fresh clone with only python3 can run any of them.
+
+VENV        := .venv
+BIN         := $(CURDIR)/$(VENV)/bin
+PY          := $(BIN)/python
+UV_VERSION  := 0.13.8
+STAMP       := $(VENV)/.synced
+
+# Where `make run` / `make temporal` keep Temporal's state: orders survive a restart.
+TEMPORAL_DB ?= .temporal/orders.db
+TEMPORAL_PORT ?= 7233
+TEMPORAL_UI_PORT ?= 8233
+
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run temporal worker server proto lint test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml uv.lock
+	@test -x $(BIN)/uv || { python3 -m venv $(VENV) && $(BIN)/pip install --quiet uv==$(UV_VERSION); }
+	$(BIN)/uv sync --locked --quiet
+	@touch $@
+
+## run: the whole system (Temporal dev server + worker + gRPC server); Ctrl-C stops it all.
+run: install
+	@$(PY) -m server.devstack --temporal-db $(TEMPORAL_DB) \
+		--temporal-port $(TEMPORAL_PORT) --temporal-ui-port $(TEMPORAL_UI_PORT)
+
+## temporal: only the Temporal dev server, state in $(TEMPORAL_DB), UI on $(TEMPORAL_UI_PORT).
+temporal: install
+	@mkdir -p $(dir $(TEMPORAL_DB))
+	temporal server start-dev --db-filename $(TEMPORAL_DB) \
+		--port $(TEMPORAL_PORT) --ui-port $(TEMPORAL_UI_PORT) --log-level warn
+
+## worker: only the Temporal worker (workflow + activities).
+worker: install
+	$(PY) -m worker
+
+## server: only the gRPC server, on port 50051 unless ORDER_SERVICE_PORT says otherwise.
+server: install
+	$(PY) -m server
+
+## proto: regenerate generated/ from protos/.
+proto: install
+	$(PY) protos/generate.py
+
+## lint: ruff, mypy and buf lint.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+## test: the whole suite, against a real Temporal dev server and real gRPC servers it starts itself.
+test: install
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The order side effects: inventory, payment, shipping, email."""

@@ -1,0 +1,1 @@
+"""The Temporal worker running the order workflow and its activities."""

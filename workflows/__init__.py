@@ -1,0 +1,1 @@
+"""The order workflow and the data it exchanges."""

@@ -1,0 +1,248 @@
+"""The data the order workflow exchanges: its input, signals, queries and activities.
+
+These dataclasses are the contract between the gRPC server (which starts,
+signals and queries the workflow), the workflow and the activities. They go
+through Temporal's JSON converter, so they are what `temporal workflow
+signal --input` takes and what `temporal workflow query` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from workflows.money import Money
+
+WORKFLOW_NAME = "OrderWorkflow"
+DEFAULT_TASK_QUEUE = "orders"
+DEFAULT_PAYMENT_TIMEOUT_SECONDS = 24 * 60 * 60
+
+# Message handler names: fixed, so the Temporal CLI can use them as in the seed.
+CONFIRM_PAYMENT_SIGNAL = "confirm_payment"
+CANCEL_ORDER_SIGNAL = "cancel_order"
+GET_ORDER_STATUS_QUERY = "get_order_status"
+GET_FULL_STATE_QUERY = "get_full_state"
+GET_ESTIMATED_DELIVERY_QUERY = "get_estimated_delivery"
+
+
+def workflow_id_for(order_id: str) -> str:
+    """The id of the workflow that runs an order."""
+    return f"order-{order_id}"
+
+
+class OrderStatus(StrEnum):
+    """Where an order is in its life; the values are the seed's strings."""
+
+    PENDING = "pending"
+    PAYMENT_CONFIRMED = "payment_confirmed"
+    PREPARING = "preparing"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (OrderStatus.DELIVERED, OrderStatus.CANCELLED)
+
+    @property
+    def can_cancel(self) -> bool:
+        """Cancellation is possible until the order has shipped."""
+        return self in (OrderStatus.PENDING, OrderStatus.PAYMENT_CONFIRMED, OrderStatus.PREPARING)
+
+
+@dataclass(frozen=True)
+class OrderItem:
+    product_id: str
+    product_name: str
+    quantity: int
+    price: Money
+
+
+@dataclass(frozen=True)
+class ShippingAddress:
+    address: str
+    city: str
+    postal_code: str
+    country: str
+
+
+@dataclass(frozen=True)
+class OrderInput:
+    """The workflow's single input: a validated order."""
+
+    order_id: str
+    customer_id: str
+    items: list[OrderItem]
+    shipping: ShippingAddress
+    customer_email: str = ""
+    payment_timeout_seconds: int = DEFAULT_PAYMENT_TIMEOUT_SECONDS
+    # A digest of the CreateOrder request, so that a retry with the same
+    # request_id but different contents can be told apart from a true retry.
+    request_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    """The `confirm_payment` signal's argument."""
+
+    transaction_id: str
+    amount: Money
+    payment_method: str
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """The `cancel_order` signal's argument."""
+
+    reason: str = ""
+
+
+@dataclass
+class PaymentInfo:
+    transaction_id: str
+    amount: Money
+    payment_method: str
+    timestamp: datetime
+
+
+@dataclass
+class ShipmentInfo:
+    tracking_number: str
+    provider: str
+    estimated_delivery: datetime
+    shipped_at: datetime
+
+
+@dataclass
+class RefundInfo:
+    refund_id: str
+    transaction_id: str
+    amount: Money
+    refunded_at: datetime
+
+
+@dataclass
+class InventoryInfo:
+    reservation_id: str = ""
+    released: bool = False
+
+
+@dataclass
+class RejectedPayment:
+    """A payment the order refused; it was never captured."""
+
+    transaction_id: str
+    amount: Money
+    payment_method: str
+    reason: str
+    received_at: datetime
+
+
+@dataclass
+class OrderState:
+    """Everything the workflow knows about its order: the `get_full_state` query."""
+
+    order_id: str
+    customer_id: str
+    customer_email: str
+    items: list[OrderItem]
+    shipping: ShippingAddress
+    status: OrderStatus
+    total_amount: Money
+    created_at: datetime
+    updated_at: datetime
+    request_fingerprint: str = ""
+    payment_info: PaymentInfo | None = None
+    shipment_info: ShipmentInfo | None = None
+    estimated_delivery: datetime | None = None
+    cancellation_reason: str | None = None
+    refund_info: RefundInfo | None = None
+    inventory_info: InventoryInfo = field(default_factory=InventoryInfo)
+    rejected_payments: list[RejectedPayment] = field(default_factory=list)
+    delivered_at: datetime | None = None
+
+
+# --- Activity inputs and results ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReserveInventoryInput:
+    order_id: str
+    items: list[OrderItem]
+
+
+@dataclass(frozen=True)
+class ReleaseInventoryInput:
+    order_id: str
+    reservation_id: str
+
+
+@dataclass(frozen=True)
+class ChargePaymentInput:
+    order_id: str
+    transaction_id: str
+    amount: Money
+    payment_method: str
+    # The gateway charges at most once per key, however often the activity retries.
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class RefundPaymentInput:
+    order_id: str
+    transaction_id: str
+    amount: Money
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class PrepareShipmentInput:
+    order_id: str
+    items: list[OrderItem]
+
+
+@dataclass(frozen=True)
+class ShipOrderInput:
+    order_id: str
+    package_id: str
+    shipping: ShippingAddress
+
+
+@dataclass(frozen=True)
+class Shipment:
+    tracking_number: str
+    provider: str
+
+
+@dataclass(frozen=True)
+class DeliverOrderInput:
+    order_id: str
+    tracking_number: str
+
+
+class NotificationKind(StrEnum):
+    ORDER_RECEIVED = "order_received"
+    PAYMENT_CONFIRMED = "payment_confirmed"
+    ORDER_SHIPPED = "order_shipped"
+    ORDER_DELIVERED = "order_delivered"
+    ORDER_CANCELLED = "order_cancelled"
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One email about an order; the activity renders it from these facts."""
+
+    kind: NotificationKind
+    order_id: str
+    customer_id: str
+    recipient: str
+    total_amount: Money
+    tracking_number: str = ""
+    estimated_delivery: datetime | None = None
+    reason: str = ""
+
+    @property
+    def idempotency_key(self) -> str:
+        """One email of each kind per order, however often the activity retries."""
+        return f"{self.order_id}/{self.kind.value}"
