@@ -2,7 +2,7 @@
 
 Amounts are held as (currency_code, units, nanos) exactly like
 google.type.Money, and every calculation goes through a single integer count
-of nanos, so 999.99 × 3 is exactly 2999.97.
+of nanos, so 999.99 * 3 is exactly 2999.97.
 """
 
 from __future__ import annotations

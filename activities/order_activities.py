@@ -1,0 +1,410 @@
+"""The order workflow's activities, against simulated inventory, payment, carrier and mail.
+
+Each provider behaves like a remote call: it takes a configurable time,
+heartbeating meanwhile so that a cancelled or timed-out attempt notices, and
+it is idempotent by key, so a retried call returns the first call's result
+and has no second effect. The effect is recorded only once the simulated call
+has finished, so an attempt cancelled part-way leaves nothing behind.
+
+The providers' state lives in memory: it is lost when the worker restarts,
+like a sandbox account that is reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.config import SimulationConfig
+from activities.email import InvalidRecipientError, render_notification
+from activities.mailer import Mailer, OutboxMailer
+from workflows.models import (
+    ChargePaymentInput,
+    DeliverOrderInput,
+    Notification,
+    OrderItem,
+    PrepareShipmentInput,
+    RefundPaymentInput,
+    ReleaseInventoryInput,
+    ReserveInventoryInput,
+    Shipment,
+    ShipOrderInput,
+)
+from workflows.money import Money
+
+logger = logging.getLogger(__name__)
+
+# Often enough that a cancel or heartbeat timeout is noticed within about a
+# second; the SDK throttles what it actually sends to the server.
+HEARTBEAT_INTERVAL_SECONDS = 1.0
+CARRIER = "fedex"
+
+# ApplicationError types: all non-retryable, because a retry would fail the same way.
+IDEMPOTENCY_KEY_REUSED = "IdempotencyKeyReused"
+INVALID_ORDER = "InvalidOrder"
+INVALID_AMOUNT = "InvalidAmount"
+INVALID_RECIPIENT = "InvalidRecipient"
+
+
+@dataclass
+class Reservation:
+    reservation_id: str
+    order_id: str
+    quantity: int
+    released: bool = False
+
+
+@dataclass(frozen=True)
+class Charge:
+    capture_id: str
+    order_id: str
+    transaction_id: str
+    amount: Money
+    payment_method: str
+
+
+@dataclass(frozen=True)
+class Refund:
+    refund_id: str
+    order_id: str
+    transaction_id: str
+    amount: Money
+
+
+@dataclass(frozen=True)
+class Package:
+    package_id: str
+    order_id: str
+    quantity: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    order_id: str
+    tracking_number: str
+
+
+class OrderActivities:
+    """The activities and the simulated providers' state they share.
+
+    Register the bound methods (`all()`) with a worker; workflows refer to
+    them as `OrderActivities.<name>`.
+    """
+
+    def __init__(self, config: SimulationConfig, mailer: Mailer | None = None) -> None:
+        self.config = config
+        self.mailer: Mailer = mailer if mailer is not None else OutboxMailer(config.outbox_dir)
+        # Each store is keyed by the call's idempotency key.
+        self.reservations: dict[str, Reservation] = {}  # by order id
+        self.charges: dict[str, Charge] = {}  # by idempotency key
+        self.refunds: dict[str, Refund] = {}  # by idempotency key
+        self.packages: dict[str, Package] = {}  # by order id
+        self.shipments: dict[str, Shipment] = {}  # by order id
+        self.deliveries: dict[str, Delivery] = {}  # by tracking number
+        self.sent_emails: dict[str, str] = {}  # Message-ID by notification idempotency key
+        self._package_numbers = itertools.count(1)
+
+    def all(self) -> list[Callable[..., Any]]:
+        """Every activity, bound to this instance, for `Worker(activities=...)`."""
+        return [
+            self.reserve_inventory,
+            self.release_inventory,
+            self.charge_payment,
+            self.refund_payment,
+            self.prepare_shipment,
+            self.ship_order,
+            self.deliver_order,
+            self.send_notification,
+        ]
+
+    def charge_count(self, idempotency_key: str) -> int:
+        """How many charges were made under this key: 0 or 1, however often it was retried."""
+        return 1 if idempotency_key in self.charges else 0
+
+    def refund_count(self, idempotency_key: str) -> int:
+        """How many refunds were made under this key: 0 or 1, however often it was retried."""
+        return 1 if idempotency_key in self.refunds else 0
+
+    # --- Inventory -----------------------------------------------------------
+
+    @activity.defn
+    async def reserve_inventory(self, input: ReserveInventoryInput) -> str:
+        """Reserves the order's items; returns the reservation id."""
+        quantity = _total_quantity(input.order_id, input.items)
+        if input.order_id not in self.reservations:
+            await self._simulate(self.config.inventory, input.order_id, "reserving inventory")
+        reservation = self.reservations.get(input.order_id)
+        if reservation is not None:
+            logger.info(
+                "order %s: inventory already reserved as %s",
+                input.order_id,
+                reservation.reservation_id,
+            )
+            return reservation.reservation_id
+        reservation = Reservation(f"RSV-{input.order_id}", input.order_id, quantity)
+        self.reservations[input.order_id] = reservation
+        logger.info(
+            "order %s: reserved %d item(s) as %s",
+            input.order_id,
+            quantity,
+            reservation.reservation_id,
+        )
+        return reservation.reservation_id
+
+    @activity.defn
+    async def release_inventory(self, input: ReleaseInventoryInput) -> None:
+        """Releases a reservation; releasing twice, or one never made, is a no-op."""
+        reservation = self.reservations.get(input.order_id)
+        if reservation is None or reservation.released:
+            # Compensation must not fail: nothing held means nothing to release.
+            state = "never made" if reservation is None else "already released"
+            logger.info(
+                "order %s: reservation %s %s, nothing to release",
+                input.order_id,
+                input.reservation_id or "(none)",
+                state,
+            )
+            return
+        await self._simulate(self.config.inventory, input.order_id, "releasing inventory")
+        if reservation.reservation_id != input.reservation_id:
+            logger.warning(
+                "order %s: releasing %s, although asked to release %r",
+                input.order_id,
+                reservation.reservation_id,
+                input.reservation_id,
+            )
+        if not reservation.released:
+            reservation.released = True
+            logger.info(
+                "order %s: released reservation %s (%d item(s))",
+                input.order_id,
+                reservation.reservation_id,
+                reservation.quantity,
+            )
+
+    # --- Payment -------------------------------------------------------------
+
+    @activity.defn
+    async def charge_payment(self, input: ChargePaymentInput) -> str:
+        """Captures the payment, at most once per idempotency key; returns the capture id."""
+        _require_positive(input.order_id, input.amount)
+        key = input.idempotency_key
+        if key not in self.charges:
+            await self._simulate(self.config.payment, input.order_id, "charging payment")
+        charge = self.charges.get(key)
+        if charge is not None:
+            same_request = (
+                charge.order_id,
+                charge.transaction_id,
+                charge.amount,
+                charge.payment_method,
+            ) == (input.order_id, input.transaction_id, input.amount, input.payment_method)
+            if not same_request:
+                raise _key_reused(
+                    key,
+                    f"charge {charge.capture_id} of {charge.amount} for order {charge.order_id}",
+                )
+            logger.info(
+                "order %s: payment %s already captured as %s",
+                input.order_id,
+                input.transaction_id,
+                charge.capture_id,
+            )
+            return charge.capture_id
+        capture_id = _unique_id(
+            f"CAP-{input.transaction_id}", (c.capture_id for c in self.charges.values())
+        )
+        self.charges[key] = Charge(
+            capture_id, input.order_id, input.transaction_id, input.amount, input.payment_method
+        )
+        logger.info(
+            "order %s: charged %s via %s (transaction %s), capture %s",
+            input.order_id,
+            input.amount,
+            input.payment_method,
+            input.transaction_id,
+            capture_id,
+        )
+        return capture_id
+
+    @activity.defn
+    async def refund_payment(self, input: RefundPaymentInput) -> str:
+        """Refunds a payment, at most once per idempotency key; returns the refund id."""
+        _require_positive(input.order_id, input.amount)
+        key = input.idempotency_key
+        if key not in self.refunds:
+            await self._simulate(self.config.payment, input.order_id, "refunding payment")
+        refund = self.refunds.get(key)
+        if refund is not None:
+            same_request = (refund.order_id, refund.transaction_id, refund.amount) == (
+                input.order_id,
+                input.transaction_id,
+                input.amount,
+            )
+            if not same_request:
+                raise _key_reused(
+                    key, f"refund {refund.refund_id} of {refund.amount} for order {refund.order_id}"
+                )
+            logger.info(
+                "order %s: transaction %s already refunded as %s",
+                input.order_id,
+                input.transaction_id,
+                refund.refund_id,
+            )
+            return refund.refund_id
+        refund_id = _unique_id(
+            f"RFD-{input.transaction_id}", (r.refund_id for r in self.refunds.values())
+        )
+        self.refunds[key] = Refund(refund_id, input.order_id, input.transaction_id, input.amount)
+        logger.info(
+            "order %s: refunded %s of transaction %s, refund %s",
+            input.order_id,
+            input.amount,
+            input.transaction_id,
+            refund_id,
+        )
+        return refund_id
+
+    # --- Shipping ------------------------------------------------------------
+
+    @activity.defn
+    async def prepare_shipment(self, input: PrepareShipmentInput) -> str:
+        """Packs the order's items; returns the package id."""
+        quantity = _total_quantity(input.order_id, input.items)
+        if input.order_id not in self.packages:
+            await self._simulate(self.config.prepare, input.order_id, "packing")
+        package = self.packages.get(input.order_id)
+        if package is not None:
+            logger.info("order %s: already packed as %s", input.order_id, package.package_id)
+            return package.package_id
+        package = Package(f"PKG-{next(self._package_numbers)}", input.order_id, quantity)
+        self.packages[input.order_id] = package
+        logger.info(
+            "order %s: packed %d item(s) as %s", input.order_id, quantity, package.package_id
+        )
+        return package.package_id
+
+    @activity.defn
+    async def ship_order(self, input: ShipOrderInput) -> Shipment:
+        """Hands the package to the carrier; returns its tracking number."""
+        if input.order_id not in self.shipments:
+            await self._simulate(self.config.ship, input.order_id, "shipping")
+        shipment = self.shipments.get(input.order_id)
+        if shipment is not None:
+            logger.info("order %s: already shipped as %s", input.order_id, shipment.tracking_number)
+            return shipment
+        shipment = Shipment(
+            tracking_number=f"FEDEX-{input.order_id}-{input.package_id}", provider=CARRIER
+        )
+        self.shipments[input.order_id] = shipment
+        logger.info(
+            "order %s: shipped %s to %s, %s via %s, tracking %s",
+            input.order_id,
+            input.package_id,
+            input.shipping.city,
+            input.shipping.country,
+            CARRIER,
+            shipment.tracking_number,
+        )
+        return shipment
+
+    @activity.defn
+    async def deliver_order(self, input: DeliverOrderInput) -> None:
+        """The carrier's journey: returns once the parcel has been delivered."""
+        if input.tracking_number not in self.deliveries:
+            await self._simulate(self.config.deliver, input.order_id, "delivery")
+        if input.tracking_number in self.deliveries:
+            logger.info("order %s: %s already delivered", input.order_id, input.tracking_number)
+            return
+        self.deliveries[input.tracking_number] = Delivery(input.order_id, input.tracking_number)
+        logger.info("order %s: delivered %s", input.order_id, input.tracking_number)
+
+    # --- Email ---------------------------------------------------------------
+
+    @activity.defn
+    async def send_notification(self, notification: Notification) -> None:
+        """Renders the email and hands it to the mailer, once per notification."""
+        key = notification.idempotency_key
+        try:
+            # The first attempt's schedule time, so every retry renders the same bytes.
+            message = render_notification(notification, sent_at=activity.info().scheduled_time)
+        except InvalidRecipientError as err:
+            raise ApplicationError(str(err), type=INVALID_RECIPIENT, non_retryable=True) from err
+        if key not in self.sent_emails:
+            await self._simulate(self.config.email, notification.order_id, "sending email")
+        if key in self.sent_emails:
+            logger.info(
+                "order %s: %s email already sent", notification.order_id, notification.kind.value
+            )
+            return
+        await self.mailer.send(message, notification)
+        self.sent_emails[key] = str(message["Message-ID"])
+        logger.info(
+            "order %s: emailed %r to %s",
+            notification.order_id,
+            str(message["Subject"]),
+            str(message["To"]),
+        )
+
+    # --- Helpers -------------------------------------------------------------
+
+    async def _simulate(self, seconds: float, order_id: str, step: str) -> None:
+        """Takes `seconds` like a remote call would, heartbeating so a cancel can reach it."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while (remaining := started + seconds - loop.time()) > 0:
+                activity.heartbeat()
+                await asyncio.sleep(min(remaining, HEARTBEAT_INTERVAL_SECONDS))
+        except asyncio.CancelledError:
+            # Cancelled, timed out or the worker is stopping: nothing was done.
+            logger.info(
+                "order %s: %s interrupted after %.1f s, nothing done",
+                order_id,
+                step,
+                loop.time() - started,
+            )
+            raise
+
+
+def _total_quantity(order_id: str, items: Iterable[OrderItem]) -> int:
+    quantities = [item.quantity for item in items]
+    if not quantities or any(q <= 0 for q in quantities):
+        raise ApplicationError(
+            f"order {order_id}: needs at least one item, each with a positive quantity",
+            type=INVALID_ORDER,
+            non_retryable=True,
+        )
+    return sum(quantities)
+
+
+def _require_positive(order_id: str, amount: Money) -> None:
+    if amount.total_nanos <= 0:
+        raise ApplicationError(
+            f"order {order_id}: amount must be positive, got {amount}",
+            type=INVALID_AMOUNT,
+            non_retryable=True,
+        )
+
+
+def _key_reused(key: str, first_use: str) -> ApplicationError:
+    return ApplicationError(
+        f"idempotency key {key!r} was already used, with other parameters, for {first_use}",
+        type=IDEMPOTENCY_KEY_REUSED,
+        non_retryable=True,
+    )
+
+
+def _unique_id(base: str, taken: Iterable[str]) -> str:
+    """`base`, or `base-2`, `base-3`... if another key has it (a reused transaction id)."""
+    used = set(taken)
+    if base not in used:
+        return base
+    return next(f"{base}-{n}" for n in itertools.count(2) if f"{base}-{n}" not in used)

@@ -1,0 +1,408 @@
+"""The order workflow: the whole state machine of one order, in this file.
+
+    pending ──confirm_payment──▶ payment_confirmed ─▶ preparing ─▶ shipped ─▶ delivered
+       │                               │                  │
+       └──── cancel_order / payment timeout / payment failure ──▶ cancelled (compensated)
+
+Signals only record what arrived; the run loop below acts on it between
+steps, so every decision happens at one deterministic place in history.
+Cancellation is possible until the order is handed to the carrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.order_activities import OrderActivities
+    from workflows.models import (
+        CANCEL_ORDER_SIGNAL,
+        CONFIRM_PAYMENT_SIGNAL,
+        GET_ESTIMATED_DELIVERY_QUERY,
+        GET_FULL_STATE_QUERY,
+        GET_ORDER_STATUS_QUERY,
+        WORKFLOW_NAME,
+        CancelRequest,
+        ChargePaymentInput,
+        DeliverOrderInput,
+        Notification,
+        NotificationKind,
+        OrderInput,
+        OrderState,
+        OrderStatus,
+        PaymentInfo,
+        PaymentRequest,
+        PrepareShipmentInput,
+        RefundInfo,
+        RefundPaymentInput,
+        RejectedPayment,
+        ReleaseInventoryInput,
+        ReserveInventoryInput,
+        ShipmentInfo,
+        ShipOrderInput,
+    )
+    from workflows.money import Money
+
+# The seed promises delivery three days after payment.
+DELIVERY_ESTIMATE = timedelta(days=3)
+# Bounds the state (and so every query answer) when a client floods bad payments.
+MAX_REJECTED_PAYMENTS = 100
+
+# Forward steps: retried with backoff, but a step that keeps failing for a day
+# is a bug to look at, not something to retry forever.
+STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+)
+STEP_TIMEOUT = timedelta(seconds=30)
+# The payment gateway's verdicts that retrying cannot change.
+PAYMENT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=10,
+    non_retryable_error_types=["PaymentDeclined", "IdempotencyKeyReused"],
+)
+# Compensation and emails must eventually happen: retried until they succeed.
+FOREVER_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=0,
+)
+DELIVERY_TIMEOUT = timedelta(hours=1)
+DELIVERY_HEARTBEAT = timedelta(seconds=30)
+EMAIL_SCHEDULE_TO_CLOSE = timedelta(days=1)
+
+
+def _describe_timeout(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+@workflow.defn(name=WORKFLOW_NAME)
+class OrderWorkflow:
+    @workflow.init
+    def __init__(self, order: OrderInput) -> None:
+        now = workflow.now()
+        total = Money(order.items[0].price.currency_code)
+        for item in order.items:
+            total = total + item.price.times(item.quantity)
+        self._order = order
+        self._state = OrderState(
+            order_id=order.order_id,
+            customer_id=order.customer_id,
+            customer_email=order.customer_email,
+            items=list(order.items),
+            shipping=order.shipping,
+            status=OrderStatus.PENDING,
+            total_amount=total,
+            created_at=now,
+            updated_at=now,
+            request_fingerprint=order.request_fingerprint,
+        )
+        # What the signals recorded; the run loop acts on them.
+        self._payment: PaymentRequest | None = None
+        self._cancel: CancelRequest | None = None
+        # Set once the parcel is handed to the carrier: from then on, no cancel.
+        self._handed_to_carrier = False
+        self._charged = False
+        self._cancellation_emailed = False
+        self._emails: list[Awaitable[Any]] = []
+
+    # --- Signals: record, validate, never block ------------------------------
+
+    @workflow.signal(name=CONFIRM_PAYMENT_SIGNAL)
+    def confirm_payment(self, payment: PaymentRequest) -> None:
+        if self._is_known_transaction(payment.transaction_id):
+            return  # the same transaction twice is processed once
+        refusal = self._payment_refusal(payment)
+        if refusal is None:
+            self._payment = payment
+            return
+        workflow.logger.warning("Payment %s refused: %s", payment.transaction_id, refusal)
+        self._reject_payment(payment, refusal)
+
+    @workflow.signal(name=CANCEL_ORDER_SIGNAL)
+    def cancel_order(self, request: CancelRequest) -> None:
+        if self._cancel is not None:
+            return
+        if self._handed_to_carrier or not self._state.status.can_cancel:
+            workflow.logger.warning("Cancellation refused: order is %s", self._state.status.value)
+            return
+        self._cancel = CancelRequest(request.reason or "Cancelled at the customer's request")
+
+    # --- Queries: read-only, answered even after the workflow has closed ----
+
+    @workflow.query(name=GET_ORDER_STATUS_QUERY)
+    def get_order_status(self) -> str:
+        return self._state.status.value
+
+    @workflow.query(name=GET_FULL_STATE_QUERY)
+    def get_full_state(self) -> OrderState:
+        return self._state
+
+    @workflow.query(name=GET_ESTIMATED_DELIVERY_QUERY)
+    def get_estimated_delivery(self) -> datetime | None:
+        return self._state.estimated_delivery
+
+    # --- The run loop ---------------------------------------------------------
+
+    @workflow.run
+    async def run(self, order: OrderInput) -> OrderState:
+        try:
+            await self._process(order)
+        except asyncio.CancelledError:
+            # The workflow itself was cancelled (e.g. `temporal workflow cancel`),
+            # possibly in the middle of compensating: finish undoing what was
+            # done (each step runs once) before letting the cancellation through.
+            if not self._handed_to_carrier:
+                self._cancel = self._cancel or CancelRequest("Order workflow was cancelled")
+                await self._compensate()
+            raise
+        await self._finish()
+        return self._state
+
+    async def _process(self, order: OrderInput) -> None:
+        reservation = await workflow.execute_activity_method(
+            OrderActivities.reserve_inventory,
+            ReserveInventoryInput(order.order_id, list(order.items)),
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=STEP_RETRY,
+        )
+        self._state.inventory_info.reservation_id = reservation
+        self._touch()
+        self._notify(NotificationKind.ORDER_RECEIVED)
+
+        timeout = order.payment_timeout_seconds
+        try:
+            await workflow.wait_condition(
+                lambda: self._payment is not None or self._cancel is not None,
+                timeout=timedelta(seconds=timeout),
+            )
+        except TimeoutError:
+            self._cancel = CancelRequest(
+                f"Payment not received within {_describe_timeout(timeout)}"
+            )
+        if self._cancel is not None:
+            return await self._compensate()
+
+        if not await self._charge():
+            return await self._compensate()
+        if self._cancel is not None:
+            return await self._compensate()
+
+        self._set_status(OrderStatus.PREPARING)
+        package_id = await workflow.execute_activity_method(
+            OrderActivities.prepare_shipment,
+            PrepareShipmentInput(order.order_id, list(order.items)),
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=STEP_RETRY,
+        )
+        if self._cancel is not None:
+            return await self._compensate()
+
+        self._handed_to_carrier = True
+        shipment = await workflow.execute_activity_method(
+            OrderActivities.ship_order,
+            ShipOrderInput(order.order_id, package_id, order.shipping),
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=STEP_RETRY,
+        )
+        now = workflow.now()
+        self._state.shipment_info = ShipmentInfo(
+            tracking_number=shipment.tracking_number,
+            provider=shipment.provider,
+            estimated_delivery=self._state.estimated_delivery or now + DELIVERY_ESTIMATE,
+            shipped_at=now,
+        )
+        self._set_status(OrderStatus.SHIPPED)
+        self._notify(NotificationKind.ORDER_SHIPPED)
+
+        await workflow.execute_activity_method(
+            OrderActivities.deliver_order,
+            DeliverOrderInput(order.order_id, shipment.tracking_number),
+            start_to_close_timeout=DELIVERY_TIMEOUT,
+            heartbeat_timeout=DELIVERY_HEARTBEAT,
+            retry_policy=STEP_RETRY,
+        )
+        self._state.delivered_at = workflow.now()
+        self._set_status(OrderStatus.DELIVERED)
+        self._notify(NotificationKind.ORDER_DELIVERED)
+
+    async def _charge(self) -> bool:
+        """Captures the accepted payment; False (and a cancel reason) if the gateway refuses."""
+        assert self._payment is not None
+        payment = self._payment
+        try:
+            await workflow.execute_activity_method(
+                OrderActivities.charge_payment,
+                ChargePaymentInput(
+                    order_id=self._order.order_id,
+                    transaction_id=payment.transaction_id,
+                    amount=payment.amount,
+                    payment_method=payment.payment_method,
+                    idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
+                ),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=PAYMENT_RETRY,
+            )
+        except ActivityError as err:
+            cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
+            self._payment = None
+            self._reject_payment(payment, f"Payment failed: {cause}")
+            self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
+            return False
+        self._charged = True
+        now = workflow.now()
+        self._state.payment_info = PaymentInfo(
+            transaction_id=payment.transaction_id,
+            amount=payment.amount,
+            payment_method=payment.payment_method,
+            timestamp=now,
+        )
+        self._state.estimated_delivery = now + DELIVERY_ESTIMATE
+        self._set_status(OrderStatus.PAYMENT_CONFIRMED)
+        self._notify(NotificationKind.PAYMENT_CONFIRMED)
+        return True
+
+    async def _compensate(self) -> None:
+        """Cancels the order: refund if charged, release inventory, email.
+
+        Idempotent, so an interrupted compensation can simply be run again.
+        """
+        assert self._cancel is not None
+        if self._state.status != OrderStatus.CANCELLED:
+            self._state.cancellation_reason = self._cancel.reason
+            self._set_status(OrderStatus.CANCELLED)
+        if self._payment is not None and not self._charged:
+            # Accepted but not captured yet: refuse it, nothing to refund.
+            self._reject_payment(
+                self._payment, "Order was cancelled before the payment was captured"
+            )
+            self._payment = None
+        if self._charged and self._state.payment_info and not self._state.refund_info:
+            paid = self._state.payment_info
+            refund_id = await workflow.execute_activity_method(
+                OrderActivities.refund_payment,
+                RefundPaymentInput(
+                    order_id=self._order.order_id,
+                    transaction_id=paid.transaction_id,
+                    amount=paid.amount,
+                    idempotency_key=f"{self._order.order_id}/refund/{paid.transaction_id}",
+                ),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=FOREVER_RETRY,
+            )
+            self._state.refund_info = RefundInfo(
+                refund_id=refund_id,
+                transaction_id=paid.transaction_id,
+                amount=paid.amount,
+                refunded_at=workflow.now(),
+            )
+            self._touch()
+        reservation = self._state.inventory_info.reservation_id
+        if reservation and not self._state.inventory_info.released:
+            await workflow.execute_activity_method(
+                OrderActivities.release_inventory,
+                ReleaseInventoryInput(self._order.order_id, reservation),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=FOREVER_RETRY,
+            )
+            self._state.inventory_info.released = True
+            self._touch()
+        if not self._cancellation_emailed:
+            self._cancellation_emailed = True
+            self._notify(NotificationKind.ORDER_CANCELLED)
+
+    async def _finish(self) -> None:
+        """Waits for the emails and any signal handler still running, then returns."""
+        for email in self._emails:
+            try:
+                await email
+            except ActivityError as err:
+                # An email that failed for a whole day must not fail the order.
+                workflow.logger.error("Email not sent: %s", err)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    # --- Helpers ----------------------------------------------------------------
+
+    def _is_known_transaction(self, transaction_id: str) -> bool:
+        if self._payment is not None and self._payment.transaction_id == transaction_id:
+            return True
+        paid = self._state.payment_info
+        if paid is not None and paid.transaction_id == transaction_id:
+            return True
+        return any(r.transaction_id == transaction_id for r in self._state.rejected_payments)
+
+    def _payment_refusal(self, payment: PaymentRequest) -> str | None:
+        """Why this payment cannot be taken, or None if it can."""
+        accepted = self._payment or self._state.payment_info
+        if accepted is not None:
+            return f"Order is already paid by transaction {accepted.transaction_id}"
+        if self._cancel is not None:
+            return f"Order was cancelled ({self._cancel.reason}) and takes no payment"
+        if self._state.status != OrderStatus.PENDING:
+            return f"Order is {self._state.status.value} and takes no payment"
+        total = self._state.total_amount
+        if payment.amount.currency_code != total.currency_code:
+            return f"Currency {payment.amount.currency_code} does not match the order's {total}"
+        if payment.amount.total_nanos != total.total_nanos:
+            return f"Amount {payment.amount} does not equal the order total {total}"
+        return None
+
+    def _reject_payment(self, payment: PaymentRequest, reason: str) -> None:
+        if len(self._state.rejected_payments) >= MAX_REJECTED_PAYMENTS:
+            return
+        self._state.rejected_payments.append(
+            RejectedPayment(
+                transaction_id=payment.transaction_id,
+                amount=payment.amount,
+                payment_method=payment.payment_method,
+                reason=reason,
+                received_at=workflow.now(),
+            )
+        )
+        self._touch()
+
+    def _notify(self, kind: NotificationKind) -> None:
+        """Starts the email without waiting: a slow mail server never holds up the order."""
+        state = self._state
+        self._emails.append(
+            workflow.start_activity_method(
+                OrderActivities.send_notification,
+                Notification(
+                    kind=kind,
+                    order_id=state.order_id,
+                    customer_id=state.customer_id,
+                    recipient=state.customer_email,
+                    total_amount=state.total_amount,
+                    tracking_number=(
+                        state.shipment_info.tracking_number if state.shipment_info else ""
+                    ),
+                    estimated_delivery=state.estimated_delivery,
+                    reason=state.cancellation_reason or "",
+                ),
+                schedule_to_close_timeout=EMAIL_SCHEDULE_TO_CLOSE,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=FOREVER_RETRY,
+            )
+        )
+
+    def _set_status(self, status: OrderStatus) -> None:
+        self._state.status = status
+        self._touch()
+
+    def _touch(self) -> None:
+        self._state.updated_at = workflow.now()
