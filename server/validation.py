@@ -1,0 +1,321 @@
+"""Request validation: pure functions, no I/O.
+
+Each validator checks the whole request, collects every violation as a
+`google.rpc.BadRequest.FieldViolation` (paths like `items[2].price.nanos`) and
+raises one `errors.InvalidArgument`, so a client sees all its mistakes at
+once. On success it returns the workflow's own dataclasses, ready to send.
+Money is checked and summed as integers (workflows.money); no float ever.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+
+from google.type import money_pb2
+
+from acme.orders.v1 import order_service_pb2 as pb
+from server import convert, ids
+from server.errors import FieldViolation, InvalidArgument, field_violation
+from workflows import models
+from workflows.money import NANOS_PER_UNIT, Money
+
+MAX_ITEMS = 100
+MAX_QUANTITY = 10_000
+MAX_ORDER_TOTAL_UNITS = 10**12
+MAX_NANOS = NANOS_PER_UNIT - 1
+MAX_ID_LENGTH = 64
+MAX_PRODUCT_NAME_LENGTH = 200
+MAX_SHIPPING_FIELD_LENGTH = 200
+MAX_EMAIL_LENGTH = 254
+MAX_TRANSACTION_ID_LENGTH = 128
+MAX_PAYMENT_METHOD_LENGTH = 64
+MAX_CANCEL_REASON_LENGTH = 500
+DEFAULT_CANCEL_REASON = "Cancelled at the customer's request"
+
+_CUSTOMER_ID = re.compile(r"[A-Za-z0-9._:@-]+")
+_PRODUCT_ID = _CUSTOMER_ID
+_ORDER_ID = re.compile(r"[A-Za-z0-9._-]+")
+_TRANSACTION_ID = re.compile(r"[A-Za-z0-9._:-]+")
+_PAYMENT_METHOD = re.compile(r"[A-Za-z0-9._-]+")
+_CURRENCY_CODE = re.compile(r"[A-Z]{3}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# Deliberately loose: one @, something on each side, a dot in the domain.
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+# Line breaks and tabs are fine in a free-text cancellation reason.
+_MULTILINE_ALLOWED = frozenset("\n\r\t")
+
+
+class _Violations:
+    """Collects violations; raises them together at the end."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str, reason: str) -> None:
+        self.items.append(field_violation(field, description, reason))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+
+def _has_control_chars(text: str, allowed: frozenset[str] = frozenset()) -> bool:
+    """Control characters (Cc) and line/paragraph separators, bar the allowed ones."""
+    return any(
+        unicodedata.category(char) in ("Cc", "Zl", "Zp") and char not in allowed for char in text
+    )
+
+
+def _check_identifier(
+    v: _Violations, field: str, value: str, pattern: re.Pattern[str], max_length: int, chars: str
+) -> None:
+    if not value:
+        v.add(field, "Required.", "REQUIRED")
+    elif len(value) > max_length:
+        v.add(field, f"Must be at most {max_length} characters.", "TOO_LONG")
+    elif not pattern.fullmatch(value):
+        v.add(field, f"May contain only {chars}.", "INVALID_CHARACTERS")
+
+
+def _check_text(
+    v: _Violations,
+    field: str,
+    value: str,
+    max_length: int,
+    *,
+    required: bool = True,
+    allowed_controls: frozenset[str] = frozenset(),
+) -> None:
+    if required and not value.strip():
+        v.add(field, "Required.", "REQUIRED")
+    elif len(value) > max_length:
+        v.add(field, f"Must be at most {max_length} characters.", "TOO_LONG")
+    elif _has_control_chars(value, allowed_controls):
+        v.add(field, "Must not contain control characters.", "INVALID_CHARACTERS")
+
+
+def _check_money(v: _Violations, field: str, money: money_pb2.Money) -> Money | None:
+    """Checks google.type.Money's own rules; returns the amount if they hold."""
+    valid = True
+    if not _CURRENCY_CODE.fullmatch(money.currency_code):
+        v.add(
+            f"{field}.currency_code",
+            "Must be a 3-letter ISO 4217 code in upper case, e.g. USD.",
+            "INVALID_CURRENCY",
+        )
+        valid = False
+    if not -MAX_NANOS <= money.nanos <= MAX_NANOS:
+        v.add(f"{field}.nanos", f"Must be between -{MAX_NANOS} and {MAX_NANOS}.", "OUT_OF_RANGE")
+        valid = False
+    elif (money.units > 0 and money.nanos < 0) or (money.units < 0 and money.nanos > 0):
+        v.add(f"{field}.nanos", "Must have the same sign as units.", "SIGN_MISMATCH")
+        valid = False
+    return convert.money_from_proto(money) if valid else None
+
+
+def order_total(items: Sequence[models.OrderItem]) -> Money:
+    """The sum of price x quantity, exactly; all items share one currency."""
+    total = Money(items[0].price.currency_code)
+    for item in items:
+        total += item.price.times(item.quantity)
+    return total
+
+
+def _check_item(v: _Violations, index: int, item: pb.OrderItem) -> models.OrderItem | None:
+    field = f"items[{index}]"
+    errors_before = len(v.items)
+    _check_identifier(
+        v,
+        f"{field}.product_id",
+        item.product_id,
+        _PRODUCT_ID,
+        MAX_ID_LENGTH,
+        "letters, digits and . _ : @ -",
+    )
+    _check_text(v, f"{field}.product_name", item.product_name, MAX_PRODUCT_NAME_LENGTH)
+    if not 1 <= item.quantity <= MAX_QUANTITY:
+        v.add(f"{field}.quantity", f"Must be between 1 and {MAX_QUANTITY:,}.", "OUT_OF_RANGE")
+    price: Money | None = None
+    if not item.HasField("price"):
+        v.add(f"{field}.price", "Required.", "REQUIRED")
+    else:
+        price = _check_money(v, f"{field}.price", item.price)
+        if price is not None and price.total_nanos < 0:
+            v.add(f"{field}.price", "Must not be negative.", "OUT_OF_RANGE")
+    if price is None or len(v.items) > errors_before:
+        return None
+    return models.OrderItem(
+        product_id=item.product_id,
+        product_name=item.product_name,
+        quantity=item.quantity,
+        price=price,
+    )
+
+
+def _check_items(v: _Violations, items: Sequence[pb.OrderItem]) -> list[models.OrderItem]:
+    if not items:
+        v.add("items", "At least one item is required.", "REQUIRED")
+        return []
+    if len(items) > MAX_ITEMS:
+        # Skip the per-item checks: their violations would be too many to return.
+        v.add("items", f"At most {MAX_ITEMS} items per order; got {len(items)}.", "TOO_MANY")
+        return []
+    errors_before = len(v.items)
+    checked = [_check_item(v, index, item) for index, item in enumerate(items)]
+    currency = next((item.price.currency_code for item in checked if item is not None), None)
+    for index, item in enumerate(checked):
+        if item is not None and item.price.currency_code != currency:
+            v.add(
+                f"items[{index}].price.currency_code",
+                f"All items must use one currency; the first item uses {currency}.",
+                "CURRENCY_MISMATCH",
+            )
+    valid = [item for item in checked if item is not None]
+    if len(v.items) > errors_before:
+        return valid  # a total of invalid items means nothing
+    total = order_total(valid)
+    if total.total_nanos <= 0:
+        v.add("items", "The order total must be greater than zero.", "OUT_OF_RANGE")
+    elif total.total_nanos > MAX_ORDER_TOTAL_UNITS * NANOS_PER_UNIT:
+        v.add(
+            "items",
+            f"The order total {total} exceeds the maximum of {MAX_ORDER_TOTAL_UNITS:,} units.",
+            "OUT_OF_RANGE",
+        )
+    return valid
+
+
+def _check_request_id(v: _Violations, request_id: str) -> str | None:
+    """The normalized request_id, or None when absent or invalid."""
+    if not request_id:
+        return None
+    if not _UUID.fullmatch(request_id):
+        v.add(
+            "request_id",
+            "Must be a UUID such as 123e4567-e89b-12d3-a456-426614174000.",
+            "INVALID_FORMAT",
+        )
+        return None
+    return ids.normalize_request_id(request_id)
+
+
+def _check_email(v: _Violations, email: str) -> None:
+    if not email:
+        return
+    if len(email) > MAX_EMAIL_LENGTH:
+        v.add("customer_email", f"Must be at most {MAX_EMAIL_LENGTH} characters.", "TOO_LONG")
+    elif _has_control_chars(email) or not _EMAIL.fullmatch(email):
+        v.add("customer_email", "Must be an email address like name@example.com.", "INVALID_FORMAT")
+
+
+def validate_create_order(
+    request: pb.CreateOrderRequest,
+    *,
+    payment_timeout_seconds: int = models.DEFAULT_PAYMENT_TIMEOUT_SECONDS,
+) -> models.OrderInput:
+    """The workflow input for a valid CreateOrder; raises InvalidArgument otherwise.
+
+    The order id is derived from the request_id when there is one (so a retry
+    gets the same id), random otherwise.
+    """
+    v = _Violations()
+    _check_identifier(
+        v,
+        "customer_id",
+        request.customer_id,
+        _CUSTOMER_ID,
+        MAX_ID_LENGTH,
+        "letters, digits and . _ : @ -",
+    )
+    items = _check_items(v, request.items)
+    for field in ("shipping_address", "shipping_city", "shipping_postal_code", "shipping_country"):
+        _check_text(v, field, getattr(request, field), MAX_SHIPPING_FIELD_LENGTH)
+    request_id = _check_request_id(v, request.request_id)
+    _check_email(v, request.customer_email)
+    v.raise_if_any()
+    return models.OrderInput(
+        order_id=ids.new_order_id(request_id),
+        customer_id=request.customer_id,
+        items=items,
+        shipping=models.ShippingAddress(
+            address=request.shipping_address,
+            city=request.shipping_city,
+            postal_code=request.shipping_postal_code,
+            country=request.shipping_country,
+        ),
+        customer_email=request.customer_email,
+        payment_timeout_seconds=payment_timeout_seconds,
+        request_fingerprint=ids.request_fingerprint(request),
+    )
+
+
+def _check_order_id(v: _Violations, order_id: str) -> None:
+    _check_identifier(
+        v, "order_id", order_id, _ORDER_ID, MAX_ID_LENGTH, "letters, digits and . _ -"
+    )
+
+
+def validate_order_id(order_id: str) -> str:
+    """A well-formed order id (whether it exists is Temporal's to say: NOT_FOUND)."""
+    v = _Violations()
+    _check_order_id(v, order_id)
+    v.raise_if_any()
+    return order_id
+
+
+def validate_confirm_payment(
+    request: pb.ConfirmPaymentRequest,
+) -> tuple[str, models.PaymentRequest]:
+    """The order id and the `confirm_payment` signal's argument."""
+    v = _Violations()
+    _check_order_id(v, request.order_id)
+    _check_identifier(
+        v,
+        "transaction_id",
+        request.transaction_id,
+        _TRANSACTION_ID,
+        MAX_TRANSACTION_ID_LENGTH,
+        "letters, digits and . _ : -",
+    )
+    amount: Money | None = None
+    if not request.HasField("amount"):
+        v.add("amount", "Required.", "REQUIRED")
+    else:
+        amount = _check_money(v, "amount", request.amount)
+        if amount is not None and amount.total_nanos <= 0:
+            v.add("amount", "Must be greater than zero.", "OUT_OF_RANGE")
+    _check_identifier(
+        v,
+        "payment_method",
+        request.payment_method,
+        _PAYMENT_METHOD,
+        MAX_PAYMENT_METHOD_LENGTH,
+        "letters, digits and . _ -",
+    )
+    v.raise_if_any()
+    assert amount is not None  # no violation means the amount was checked
+    return request.order_id, models.PaymentRequest(
+        transaction_id=request.transaction_id,
+        amount=amount,
+        payment_method=request.payment_method,
+    )
+
+
+def validate_cancel_order(request: pb.CancelOrderRequest) -> tuple[str, models.CancelRequest]:
+    """The order id and the `cancel_order` signal's argument (with a default reason)."""
+    v = _Violations()
+    _check_order_id(v, request.order_id)
+    _check_text(
+        v,
+        "reason",
+        request.reason,
+        MAX_CANCEL_REASON_LENGTH,
+        required=False,
+        allowed_controls=_MULTILINE_ALLOWED,
+    )
+    v.raise_if_any()
+    reason = request.reason.strip() or DEFAULT_CANCEL_REASON
+    return request.order_id, models.CancelRequest(reason=reason)
