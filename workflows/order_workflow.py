@@ -112,8 +112,9 @@ class OrderWorkflow:
             updated_at=now,
             request_fingerprint=order.request_fingerprint,
         )
-        # What the signals recorded; the run loop acts on them.
-        self._payment: PaymentRequest | None = None
+        # What the cancel signal recorded; the run loop acts on it. An accepted
+        # payment is recorded in the state itself (payment_info), uncaptured
+        # until _charged.
         self._cancel: CancelRequest | None = None
         # Set once the parcel is handed to the carrier: from then on, no cancel.
         self._handed_to_carrier = False
@@ -129,7 +130,13 @@ class OrderWorkflow:
             return  # the same transaction twice is processed once
         refusal = self._payment_refusal(payment)
         if refusal is None:
-            self._payment = payment
+            self._state.payment_info = PaymentInfo(
+                transaction_id=payment.transaction_id,
+                amount=payment.amount,
+                payment_method=payment.payment_method,
+                timestamp=workflow.now(),
+            )
+            self._touch()
             return
         workflow.logger.warning("Payment %s refused: %s", payment.transaction_id, refusal)
         self._reject_payment(payment, refusal)
@@ -188,7 +195,7 @@ class OrderWorkflow:
         timeout = order.payment_timeout_seconds
         try:
             await workflow.wait_condition(
-                lambda: self._payment is not None or self._cancel is not None,
+                lambda: self._state.payment_info is not None or self._cancel is not None,
                 timeout=timedelta(seconds=timeout),
             )
         except TimeoutError:
@@ -243,8 +250,8 @@ class OrderWorkflow:
 
     async def _charge(self) -> bool:
         """Captures the accepted payment; False (and a cancel reason) if the gateway refuses."""
-        assert self._payment is not None
-        payment = self._payment
+        payment = self._state.payment_info
+        assert payment is not None
         try:
             await workflow.execute_activity_method(
                 OrderActivities.charge_payment,
@@ -260,18 +267,13 @@ class OrderWorkflow:
             )
         except ActivityError as err:
             cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
-            self._payment = None
+            self._state.payment_info = None
             self._reject_payment(payment, f"Payment failed: {cause}")
             self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
             return False
         self._charged = True
         now = workflow.now()
-        self._state.payment_info = PaymentInfo(
-            transaction_id=payment.transaction_id,
-            amount=payment.amount,
-            payment_method=payment.payment_method,
-            timestamp=now,
-        )
+        payment.timestamp = now  # when the money was captured
         self._state.estimated_delivery = now + DELIVERY_ESTIMATE
         self._set_status(OrderStatus.PAYMENT_CONFIRMED)
         self._notify(NotificationKind.PAYMENT_CONFIRMED)
@@ -286,12 +288,12 @@ class OrderWorkflow:
         if self._state.status != OrderStatus.CANCELLED:
             self._state.cancellation_reason = self._cancel.reason
             self._set_status(OrderStatus.CANCELLED)
-        if self._payment is not None and not self._charged:
+        if self._state.payment_info is not None and not self._charged:
             # Accepted but not captured yet: refuse it, nothing to refund.
             self._reject_payment(
-                self._payment, "Order was cancelled before the payment was captured"
+                self._state.payment_info, "Order was cancelled before the payment was captured"
             )
-            self._payment = None
+            self._state.payment_info = None
         if self._charged and self._state.payment_info and not self._state.refund_info:
             paid = self._state.payment_info
             refund_id = await workflow.execute_activity_method(
@@ -339,8 +341,6 @@ class OrderWorkflow:
     # --- Helpers ----------------------------------------------------------------
 
     def _is_known_transaction(self, transaction_id: str) -> bool:
-        if self._payment is not None and self._payment.transaction_id == transaction_id:
-            return True
         paid = self._state.payment_info
         if paid is not None and paid.transaction_id == transaction_id:
             return True
@@ -348,7 +348,7 @@ class OrderWorkflow:
 
     def _payment_refusal(self, payment: PaymentRequest) -> str | None:
         """Why this payment cannot be taken, or None if it can."""
-        accepted = self._payment or self._state.payment_info
+        accepted = self._state.payment_info
         if accepted is not None:
             return f"Order is already paid by transaction {accepted.transaction_id}"
         if self._cancel is not None:
@@ -362,7 +362,7 @@ class OrderWorkflow:
             return f"Amount {payment.amount} does not equal the order total {total}"
         return None
 
-    def _reject_payment(self, payment: PaymentRequest, reason: str) -> None:
+    def _reject_payment(self, payment: PaymentRequest | PaymentInfo, reason: str) -> None:
         if len(self._state.rejected_payments) >= MAX_REJECTED_PAYMENTS:
             return
         self._state.rejected_payments.append(

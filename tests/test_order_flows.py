@@ -1,0 +1,164 @@
+"""The seed's four scenarios and the payment timeout, end to end through gRPC."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from email import message_from_bytes
+from pathlib import Path
+
+from temporalio.client import WorkflowExecutionStatus
+
+from acme.orders.v1 import order_service_pb2 as pb
+from tests.conftest import LAPTOP_PRICE, Stack, create_request, money, open_stack, order_reaching
+
+S = pb.OrderStatus
+
+
+def pay_request(order_id: str, transaction_id: str = "TXN-12345") -> pb.ConfirmPaymentRequest:
+    return pb.ConfirmPaymentRequest(
+        order_id=order_id,
+        transaction_id=transaction_id,
+        amount=LAPTOP_PRICE,
+        payment_method="credit_card",
+    )
+
+
+def email_subjects(outbox: Path, order_id: str) -> dict[str, str]:
+    """Kind of email → its subject, for every email written for one order."""
+    subjects = {}
+    for path in sorted((outbox / order_id).glob("*.eml")):
+        subjects[path.stem] = str(message_from_bytes(path.read_bytes())["Subject"])
+    return subjects
+
+
+async def test_happy_path(stack: Stack) -> None:
+    created = await stack.stub.CreateOrder(create_request())
+    assert created.order_id.startswith("ORD-")
+    assert created.workflow_id == f"order-{created.order_id}"
+    assert created.status == S.ORDER_STATUS_PENDING
+    assert created.total_amount == LAPTOP_PRICE
+    assert created.message == "Order created successfully. Awaiting payment confirmation."
+
+    status = await stack.stub.GetOrderStatus(pb.GetOrderStatusRequest(order_id=created.order_id))
+    assert status.status == S.ORDER_STATUS_PENDING
+
+    paid = await stack.stub.ConfirmPayment(pay_request(created.order_id))
+    assert paid.order_id == created.order_id
+
+    order = await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED)
+    assert order.customer_id == "CUST-001"
+    assert order.payment_info.transaction_id == "TXN-12345"
+    assert order.payment_info.amount == LAPTOP_PRICE
+    assert order.payment_info.payment_method == "credit_card"
+    tracking = order.shipment_info.tracking_number
+    assert tracking.startswith(f"FEDEX-{created.order_id}-")
+    assert order.shipment_info.provider == "fedex"
+    # As in the seed: delivery is estimated three days after the payment.
+    paid_at = order.payment_info.timestamp.ToDatetime()
+    assert order.estimated_delivery.ToDatetime() - paid_at == timedelta(days=3)
+    assert order.shipment_info.estimated_delivery == order.estimated_delivery
+    assert order.delivered_at.ToDatetime() >= order.shipment_info.shipped_at.ToDatetime()
+    assert order.cancellation_reason == ""
+    assert not order.HasField("refund_info")
+    assert order.inventory_info.reservation_id
+    assert not order.inventory_info.released
+    assert list(order.rejected_payments) == []
+
+    eta = await stack.stub.GetEstimatedDelivery(
+        pb.GetEstimatedDeliveryRequest(order_id=created.order_id)
+    )
+    assert eta.estimated_delivery == order.estimated_delivery
+
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+    await handle.result()
+    assert email_subjects(stack.outbox, created.order_id).keys() == {
+        "order_received",
+        "payment_confirmed",
+        "order_shipped",
+        "order_delivered",
+    }
+
+
+async def test_cancel_before_payment(stack: Stack) -> None:
+    created = await stack.stub.CreateOrder(create_request())
+    cancelled = await stack.stub.CancelOrder(
+        pb.CancelOrderRequest(order_id=created.order_id, reason="Customer requested cancellation")
+    )
+    assert cancelled.order_id == created.order_id
+
+    order = await order_reaching(stack, created.order_id, S.ORDER_STATUS_CANCELLED)
+    assert order.cancellation_reason == "Customer requested cancellation"
+    await stack.client.get_workflow_handle(created.workflow_id).result()
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    # Nothing was paid, so nothing is refunded; the reservation is released.
+    assert not order.HasField("payment_info")
+    assert not order.HasField("refund_info")
+    assert order.inventory_info.released
+    assert "order_cancelled" in email_subjects(stack.outbox, created.order_id)
+
+
+async def test_cancel_after_payment_refunds_and_releases(slow_stack: Stack) -> None:
+    stack = slow_stack
+    created = await stack.stub.CreateOrder(create_request())
+    await stack.stub.ConfirmPayment(pay_request(created.order_id))
+    await order_reaching(stack, created.order_id, S.ORDER_STATUS_PREPARING)
+    await stack.stub.CancelOrder(
+        pb.CancelOrderRequest(order_id=created.order_id, reason="Changed my mind")
+    )
+
+    await stack.client.get_workflow_handle(created.workflow_id).result()
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_CANCELLED
+    assert order.cancellation_reason == "Changed my mind"
+    assert order.payment_info.transaction_id == "TXN-12345"
+    assert order.refund_info.transaction_id == "TXN-12345"
+    assert order.refund_info.amount == LAPTOP_PRICE
+    assert order.refund_info.refund_id
+    assert order.inventory_info.released
+    assert not order.HasField("shipment_info")
+    subjects = email_subjects(stack.outbox, created.order_id)
+    assert {"order_received", "payment_confirmed", "order_cancelled"} <= subjects.keys()
+    assert "order_shipped" not in subjects
+
+
+async def test_query_completed_order(stack: Stack) -> None:
+    created = await stack.stub.CreateOrder(create_request())
+    await stack.stub.ConfirmPayment(pay_request(created.order_id))
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+    await handle.result()
+    assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+
+    # Queries still answer once the workflow has closed.
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_DELIVERED
+    status = await stack.stub.GetOrderStatus(pb.GetOrderStatusRequest(order_id=created.order_id))
+    assert status.status == S.ORDER_STATUS_DELIVERED
+    eta = await stack.stub.GetEstimatedDelivery(
+        pb.GetEstimatedDeliveryRequest(order_id=created.order_id)
+    )
+    assert eta.HasField("estimated_delivery")
+
+
+async def test_payment_timeout_cancels_and_compensates(stack: Stack, tmp_path: Path) -> None:
+    async with open_stack(stack.client, tmp_path / "outbox", payment_timeout_seconds=2) as short:
+        created = await short.stub.CreateOrder(create_request())
+        await short.client.get_workflow_handle(created.workflow_id).result()
+        order = await short.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+        assert order.status == S.ORDER_STATUS_CANCELLED
+        assert order.cancellation_reason == "Payment not received within 2 s"
+        assert order.inventory_info.released
+        assert "order_cancelled" in email_subjects(short.outbox, created.order_id)
+
+
+async def test_total_is_exact_for_many_items(stack: Stack) -> None:
+    items = [
+        pb.OrderItem(product_id="P1", product_name="Pen", quantity=3, price=money(0, 100_000_000)),
+        pb.OrderItem(product_id="P2", product_name="Pad", quantity=7, price=money(19, 990_000_000)),
+    ]
+    created = await stack.stub.CreateOrder(create_request(items=items))
+    # 3 × 0.10 + 7 × 19.99 = 140.23, exactly.
+    assert created.total_amount == money(140, 230_000_000)
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.total_amount == money(140, 230_000_000)
+    assert [(i.product_id, i.quantity) for i in order.items] == [("P1", 3), ("P2", 7)]
+    await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))

@@ -1,0 +1,91 @@
+"""The default 24-hour payment window, on Temporal's time-skipping test server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest_asyncio
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from activities.config import SimulationConfig
+from activities.order_activities import OrderActivities
+from tests.conftest import venv_binary
+from worker.app import build_worker
+from workflows.models import (
+    CONFIRM_PAYMENT_SIGNAL,
+    WORKFLOW_NAME,
+    OrderInput,
+    OrderItem,
+    OrderState,
+    OrderStatus,
+    PaymentRequest,
+    ShippingAddress,
+    workflow_id_for,
+)
+from workflows.money import Money
+
+PRICE = Money("USD", 999, 990_000_000)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def skipping() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_binary("temporal-test-server")
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def start_order(
+    env: WorkflowEnvironment, task_queue: str
+) -> WorkflowHandle[object, OrderState]:
+    order_id = f"ORD-TS{uuid.uuid4().hex[:14].upper()}"
+    order = OrderInput(
+        order_id=order_id,
+        customer_id="CUST-001",
+        items=[OrderItem("PROD-123", "Laptop", 1, PRICE)],
+        shipping=ShippingAddress("123 Main St", "San Francisco", "94102", "USA"),
+    )
+    return await env.client.start_workflow(
+        WORKFLOW_NAME,
+        order,
+        id=workflow_id_for(order_id),
+        task_queue=task_queue,
+        result_type=OrderState,
+    )
+
+
+async def test_no_payment_in_24_hours_cancels(
+    skipping: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    task_queue = f"ts-{uuid.uuid4().hex[:8]}"
+    activities = OrderActivities(SimulationConfig.instant(str(tmp_path)))
+    async with build_worker(skipping.client, task_queue, activities):
+        handle = await start_order(skipping, task_queue)
+        state = await handle.result()  # the server skips the 24 hours
+    assert state.status == OrderStatus.CANCELLED
+    assert state.cancellation_reason == "Payment not received within 24 h"
+    assert state.inventory_info.released
+    assert state.payment_info is None
+    assert state.updated_at - state.created_at >= timedelta(hours=24)
+
+
+async def test_payment_within_24_hours_completes(
+    skipping: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    task_queue = f"ts-{uuid.uuid4().hex[:8]}"
+    activities = OrderActivities(SimulationConfig.instant(str(tmp_path)))
+    async with build_worker(skipping.client, task_queue, activities):
+        handle = await start_order(skipping, task_queue)
+        await skipping.sleep(timedelta(hours=23, minutes=59))
+        await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-LATE", PRICE, "card"))
+        state = await handle.result()
+    assert state.status == OrderStatus.DELIVERED
+    assert state.payment_info is not None
+    assert state.payment_info.transaction_id == "TXN-LATE"

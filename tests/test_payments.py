@@ -1,0 +1,143 @@
+"""Money that an order cannot take is never kept; the same transaction counts once.
+
+Through gRPC the server refuses such payments up front with a clear status.
+Signals sent straight to Temporal (as `temporal workflow signal` does) skip
+the server, so the workflow checks every payment again itself and records
+each one it refused.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from acme.orders.v1 import order_service_pb2 as pb
+from tests.conftest import LAPTOP_PRICE, Stack, create_request, money, order_reaching
+from workflows.models import CONFIRM_PAYMENT_SIGNAL, PaymentRequest
+from workflows.money import Money
+
+S = pb.OrderStatus
+LAPTOP = Money("USD", 999, 990_000_000)
+
+
+def pay(
+    order_id: str, transaction_id: str, amount: object = LAPTOP_PRICE
+) -> pb.ConfirmPaymentRequest:
+    return pb.ConfirmPaymentRequest(
+        order_id=order_id,
+        transaction_id=transaction_id,
+        amount=amount or LAPTOP_PRICE,
+        payment_method="card",
+    )
+
+
+def bad_request_fields(err: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+async def test_wrong_amount_is_invalid_argument(stack: Stack) -> None:
+    created = await stack.stub.CreateOrder(create_request())
+    for amount in (money(999, 980_000_000), money(999, 990_000_000, currency="EUR")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-W", amount))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "amount" in " ".join(bad_request_fields(caught.value))
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_PENDING
+    assert not order.HasField("payment_info")
+    await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))
+
+
+async def test_same_transaction_twice_is_charged_once(stack: Stack) -> None:
+    created = await stack.stub.CreateOrder(create_request())
+    first = await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-DUP"))
+    second = await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-DUP"))
+    assert first.order_id == second.order_id == created.order_id
+    await stack.client.get_workflow_handle(created.workflow_id).result()
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_DELIVERED
+    assert order.payment_info.transaction_id == "TXN-DUP"
+    assert list(order.rejected_payments) == []
+    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-DUP") == 1
+
+
+async def test_second_transaction_for_paid_order_is_refused(stack: Stack) -> None:
+    created = await stack.stub.CreateOrder(create_request())
+    await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-A"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-B"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await stack.client.get_workflow_handle(created.workflow_id).result()
+    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-B") == 0
+
+
+async def test_payment_for_cancelled_or_delivered_order_is_refused(stack: Stack) -> None:
+    cancelled = await stack.stub.CreateOrder(create_request())
+    await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=cancelled.order_id))
+    await order_reaching(stack, cancelled.order_id, S.ORDER_STATUS_CANCELLED)
+    delivered = await stack.stub.CreateOrder(create_request())
+    await stack.stub.ConfirmPayment(pay(delivered.order_id, "TXN-D1"))
+    await stack.client.get_workflow_handle(delivered.workflow_id).result()
+
+    for order_id in (cancelled.order_id, delivered.order_id):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.ConfirmPayment(pay(order_id, "TXN-LATE"))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert stack.activities.charge_count(f"{order_id}/charge/TXN-LATE") == 0
+
+
+async def test_raw_signals_are_checked_by_the_workflow(stack: Stack) -> None:
+    """The CLI path: signals bypass the server, and the order records what it refused."""
+    created = await stack.stub.CreateOrder(create_request())
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+
+    await handle.signal(
+        CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-SHORT", Money("USD", 5), "card")
+    )
+    await handle.signal(
+        CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-EUR", Money("EUR", 999, 990_000_000), "card")
+    )
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_PENDING
+    assert [r.transaction_id for r in order.rejected_payments] == ["TXN-SHORT", "TXN-EUR"]
+    assert "does not equal the order total" in order.rejected_payments[0].reason
+
+    await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-OK", LAPTOP, "card"))
+    await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-OK", LAPTOP, "card"))
+    await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-SECOND", LAPTOP, "card"))
+    await handle.result()
+
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_DELIVERED
+    assert order.payment_info.transaction_id == "TXN-OK"
+    rejected = {r.transaction_id: r.reason for r in order.rejected_payments}
+    assert rejected.keys() == {"TXN-SHORT", "TXN-EUR", "TXN-SECOND"}
+    assert "already paid by transaction TXN-OK" in rejected["TXN-SECOND"]
+    for txn in ("TXN-SHORT", "TXN-EUR", "TXN-SECOND"):
+        assert stack.activities.charge_count(f"{created.order_id}/charge/{txn}") == 0
+    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-OK") == 1
+
+
+async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
+    """A payment that reaches a cancelled order still compensating is recorded, not charged."""
+    stack = slow_stack
+    created = await stack.stub.CreateOrder(create_request())
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+    await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))
+    await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-AFTER", LAPTOP, "card"))
+    await handle.result()
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert order.status == S.ORDER_STATUS_CANCELLED
+    assert not order.HasField("payment_info")
+    assert [r.transaction_id for r in order.rejected_payments] == ["TXN-AFTER"]
+    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-AFTER") == 0

@@ -1,0 +1,161 @@
+"""The service as people reach it: grpcurl over reflection, the Temporal CLI, generated code."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from temporalio.testing import WorkflowEnvironment
+
+from acme.orders.v1 import order_service_pb2 as pb
+from tests.conftest import Stack, create_request, order_reaching, venv_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "acme.orders.v1.OrderService"
+
+
+async def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs a command without blocking the event loop the servers live on."""
+    return await asyncio.to_thread(
+        subprocess.run, args, input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+async def grpcurl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return await run(venv_binary("grpcurl"), "-plaintext", *args[:-1], stack.target, args[-1])
+
+
+async def test_grpcurl_lists_and_describes_without_proto_files(stack: Stack) -> None:
+    listed = await run(venv_binary("grpcurl"), "-plaintext", stack.target, "list")
+    assert listed.returncode == 0, listed.stderr
+    services = set(listed.stdout.split())
+    assert {SERVICE, "grpc.health.v1.Health"} <= services
+
+    described = await run(
+        venv_binary("grpcurl"), "-plaintext", stack.target, "describe", "acme.orders.v1.Order"
+    )
+    assert described.returncode == 0, described.stderr
+    assert ".google.type.Money total_amount" in described.stdout
+
+
+async def test_grpcurl_walkthrough(stack: Stack) -> None:
+    """The README's grpcurl calls, in JSON, as a person would type them."""
+    order = {
+        "customer_id": "CUST-001",
+        "items": [
+            {
+                "product_id": "PROD-123",
+                "product_name": "Laptop",
+                "quantity": 1,
+                "price": {"currency_code": "USD", "units": 999, "nanos": 990000000},
+            }
+        ],
+        "shipping_address": "123 Main St",
+        "shipping_city": "San Francisco",
+        "shipping_postal_code": "94102",
+        "shipping_country": "USA",
+    }
+    created = await grpcurl(stack, "-d", json.dumps(order), f"{SERVICE}/CreateOrder")
+    assert created.returncode == 0, created.stderr
+    reply = json.loads(created.stdout)
+    order_id = reply["orderId"]
+    assert reply["status"] == "ORDER_STATUS_PENDING"
+    assert reply["totalAmount"] == {"currencyCode": "USD", "units": "999", "nanos": 990000000}
+
+    payment = {
+        "order_id": order_id,
+        "transaction_id": "TXN-12345",
+        "amount": {"currency_code": "USD", "units": 999, "nanos": 990000000},
+        "payment_method": "credit_card",
+    }
+    paid = await grpcurl(stack, "-d", json.dumps(payment), f"{SERVICE}/ConfirmPayment")
+    assert paid.returncode == 0, paid.stderr
+    await order_reaching(stack, order_id, pb.OrderStatus.ORDER_STATUS_DELIVERED)
+
+    got = await grpcurl(stack, "-d", json.dumps({"order_id": order_id}), f"{SERVICE}/GetOrder")
+    assert got.returncode == 0, got.stderr
+    full = json.loads(got.stdout)
+    assert full["status"] == "ORDER_STATUS_DELIVERED"
+    assert full["shipmentInfo"]["trackingNumber"].startswith(f"FEDEX-{order_id}-")
+
+    wrong = await grpcurl(
+        stack, "-d", json.dumps({"order_id": "ORD-0000000000000000"}), f"{SERVICE}/GetOrder"
+    )
+    assert wrong.returncode != 0
+    assert "Code: NotFound" in wrong.stderr or "Code: NotFound" in wrong.stdout
+
+
+async def test_grpcurl_health(stack: Stack) -> None:
+    checked = await grpcurl(
+        stack, "-d", json.dumps({"service": SERVICE}), "grpc.health.v1.Health/Check"
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout) == {"status": "SERVING"}
+
+
+async def test_temporal_cli_uses_the_seed_names(
+    stack: Stack, temporal: WorkflowEnvironment
+) -> None:
+    """`temporal workflow signal/query` work with the seed's handler names."""
+    created = await stack.stub.CreateOrder(create_request())
+    address = temporal.client.service_client.config.target_host
+    temporal_cli = venv_binary("temporal")
+    common = ["--workflow-id", created.workflow_id, "--address", address]
+
+    queried = await run(
+        temporal_cli, "workflow", "query", *common, "--name", "get_order_status", "-o", "json"
+    )
+    assert queried.returncode == 0, queried.stderr
+    assert "pending" in queried.stdout
+
+    signalled = await run(
+        temporal_cli, "workflow", "signal", *common, "--name", "cancel_order",
+        "--input", json.dumps({"reason": "Cancelled from the CLI"}),
+    )  # fmt: skip
+    assert signalled.returncode == 0, signalled.stderr
+    order = await order_reaching(stack, created.order_id, pb.OrderStatus.ORDER_STATUS_CANCELLED)
+    assert order.cancellation_reason == "Cancelled from the CLI"
+
+    for name in ("get_full_state", "get_estimated_delivery"):
+        result = await run(temporal_cli, "workflow", "query", *common, "--name", name, "-o", "json")
+        assert result.returncode == 0, result.stderr
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    """generated/ is exactly what `make proto` makes from protos/."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    fresh, committed = tmp_path / "acme", ROOT / "generated" / "acme"
+    fresh_files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    committed_files = sorted(
+        p.relative_to(committed)
+        for p in committed.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    assert fresh_files == committed_files, "generated/ is stale: run `make proto`"
+    for rel in fresh_files:
+        assert filecmp.cmp(fresh / rel, committed / rel, shallow=False), (
+            f"generated/acme/{rel} is stale: run `make proto`"
+        )
+
+
+def test_generated_package_imports_on_its_own(tmp_path: Path) -> None:
+    """Another service imports the stubs with nothing but the installed package."""
+    code = (
+        "from acme.orders.v1 import order_service_pb2, order_service_pb2_grpc\n"
+        "print(order_service_pb2_grpc.OrderServiceStub.__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OrderServiceStub"

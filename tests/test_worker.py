@@ -1,0 +1,271 @@
+"""The worker: its settings, connecting to Temporal, running and stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from activities.config import SimulationConfig
+from worker.app import ConnectStopped, connect_with_retry, run_worker
+from worker.config import WorkerConfig, from_args
+from workflows.models import (
+    CONFIRM_PAYMENT_SIGNAL,
+    DEFAULT_TASK_QUEUE,
+    OrderInput,
+    OrderItem,
+    OrderState,
+    OrderStatus,
+    PaymentRequest,
+    ShippingAddress,
+)
+from workflows.money import Money
+from workflows.order_workflow import OrderWorkflow
+
+ROOT = Path(__file__).resolve().parent.parent
+LAPTOP = Money("USD", 999, 990_000_000)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- Settings ---------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = from_args([], environ={})
+    assert config == WorkerConfig("localhost:7233", "default", DEFAULT_TASK_QUEUE)
+    assert config.simulation == SimulationConfig()
+
+
+def test_environment_then_flags() -> None:
+    env = {
+        "TEMPORAL_ADDRESS": "temporal:7233",
+        "TEMPORAL_NAMESPACE": "shop",
+        "ORDER_TASK_QUEUE": "orders-env",
+        "ORDER_SIM_DELIVER_SECONDS": "1",
+        "ORDER_OUTBOX_DIR": "/tmp/mail",
+    }
+    config = from_args([], environ=env)
+    assert (config.temporal_address, config.namespace, config.task_queue) == (
+        "temporal:7233",
+        "shop",
+        "orders-env",
+    )
+    assert config.simulation.deliver == 1.0
+    assert config.simulation.outbox_dir == Path("/tmp/mail")
+
+    flags = ["--temporal-address", "h:1", "--namespace", "n", "--task-queue", "q"]
+    config = from_args(flags, environ=env)
+    assert (config.temporal_address, config.namespace, config.task_queue) == ("h:1", "n", "q")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        ([], {"ORDER_SIM_PAYMENT_SECONDS": "fast"}),
+        (["--task-queue", ""], {}),
+        (["--no-such-flag"], {}),
+    ],
+)
+def test_bad_settings_exit_with_usage(argv: list[str], environ: dict[str, str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        from_args(argv, environ=environ)
+    assert caught.value.code == 2
+
+
+# --- Connecting -------------------------------------------------------------------
+
+
+async def test_connect_retries_until_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.app")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(1.0, stop.set)
+    started = time.monotonic()
+    with pytest.raises(ConnectStopped):
+        await connect_with_retry(
+            f"127.0.0.1:{free_port()}", "default", stop=stop, initial_backoff=0.1
+        )
+    assert time.monotonic() - started < 3.0
+    failures = [r for r in caplog.records if "not reachable" in r.getMessage()]
+    assert len(failures) >= 2
+
+
+@contextlib.asynccontextmanager
+async def late_proxy(port: int, target: str, delay: float) -> AsyncIterator[None]:
+    """Forwards 127.0.0.1:`port` to `target`, listening only after `delay`: a late server."""
+    host, target_port = target.rsplit(":", 1)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(target_port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def serve() -> asyncio.Server:
+        await asyncio.sleep(delay)
+        return await asyncio.start_server(handle, "127.0.0.1", port)
+
+    starting = asyncio.create_task(serve())
+    try:
+        yield
+    finally:
+        server = await starting
+        server.close()
+        # Don't wait_closed(): the client's HTTP/2 connection stays open until the test ends.
+
+
+async def test_connect_waits_for_a_late_server(
+    temporal_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="worker.app")
+    port = free_port()
+    async with late_proxy(port, temporal_address, delay=1.0):
+        client = await asyncio.wait_for(
+            connect_with_retry(f"127.0.0.1:{port}", "default", initial_backoff=0.2), timeout=10
+        )
+        assert await client.service_client.check_health()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("not reachable" in m for m in messages)
+    assert any(m.startswith("Connected to Temporal") for m in messages)
+
+
+# --- Running ----------------------------------------------------------------------
+
+
+def order_input(order_id: str) -> OrderInput:
+    return OrderInput(
+        order_id=order_id,
+        customer_id="CUST-001",
+        items=[OrderItem("PROD-123", "Laptop", 1, LAPTOP)],
+        shipping=ShippingAddress("123 Main St", "San Francisco", "94102", "USA"),
+        customer_email="cust-001@example.com",
+    )
+
+
+async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_path: Path) -> None:
+    task_queue = f"orders-worker-test-{uuid.uuid4().hex[:8]}"
+    config = WorkerConfig(
+        temporal_address, "default", task_queue, SimulationConfig.instant(tmp_path / "outbox")
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_worker(config, stop=stop, handle_signals=False))
+    try:
+        client = await Client.connect(temporal_address)
+        order_id = f"ORD-W-{uuid.uuid4().hex[:8]}"
+        handle = await client.start_workflow(
+            OrderWorkflow.run, order_input(order_id), id=f"order-{order_id}", task_queue=task_queue
+        )
+        await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-1", LAPTOP, "card"))
+        state = await asyncio.wait_for(handle.result(), timeout=30)
+        assert isinstance(state, OrderState)
+        assert state.status == OrderStatus.DELIVERED
+        assert state.shipment_info is not None
+        assert state.shipment_info.tracking_number.startswith(f"FEDEX-{order_id}-PKG-")
+        sent = sorted(p.name for p in (tmp_path / "outbox" / order_id).iterdir())
+        assert sent == [
+            "order_delivered.eml",
+            "order_received.eml",
+            "order_shipped.eml",
+            "payment_confirmed.eml",
+        ]
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=15)
+
+
+# --- python -m worker -------------------------------------------------------------
+
+
+async def start_worker_process(address: str, outbox: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "ORDER_OUTBOX_DIR": str(outbox), "PYTHONUNBUFFERED": "1"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "--temporal-address",
+        address,
+        "--task-queue",
+        f"orders-worker-test-{uuid.uuid4().hex[:8]}",
+        cwd=ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_until(process: asyncio.subprocess.Process, text: str) -> str:
+    """stderr up to and including the first line containing `text`."""
+    assert process.stderr is not None
+    seen = ""
+    while text not in seen:
+        line = await process.stderr.readline()
+        if not line:
+            raise AssertionError(f"worker exited before logging {text!r}:\n{seen}")
+        seen += line.decode()
+    return seen
+
+
+async def stop_process(process: asyncio.subprocess.Process, sig: signal.Signals) -> tuple[int, str]:
+    """Sends `sig`; returns the exit status and the rest of stderr."""
+    assert process.stderr is not None
+    process.send_signal(sig)
+    rest = await process.stderr.read()
+    return await process.wait(), rest.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_worker_process_stops_cleanly_on_signal(
+    temporal_address: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    process = await start_worker_process(temporal_address, tmp_path / "outbox")
+    try:
+        async with asyncio.timeout(30):
+            log = await read_until(process, "Worker polling")
+        async with asyncio.timeout(15):
+            code, rest = await stop_process(process, sig)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0, log + rest
+    assert "Worker stopped" in rest
+    # Timestamped lines on stderr.
+    assert log.splitlines()[-1][:4].isdigit()
+
+
+async def test_worker_process_stops_while_waiting_for_temporal(tmp_path: Path) -> None:
+    process = await start_worker_process(f"127.0.0.1:{free_port()}", tmp_path / "outbox")
+    try:
+        async with asyncio.timeout(30):
+            await read_until(process, "not reachable")
+        async with asyncio.timeout(15):
+            code, rest = await stop_process(process, signal.SIGTERM)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0, rest
+    assert "Stopped before connecting" in rest
