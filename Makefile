@@ -14,6 +14,7 @@ TEMPORAL_PORT ?= 7233
 TEMPORAL_UI_PORT ?= 8233
 
 export PATH := $(BIN):$(PATH)
+SHELL := /bin/bash
 
 .PHONY: install run temporal worker server proto lint test clean
 
@@ -25,9 +26,29 @@ $(STAMP): pyproject.toml uv.lock
 	@touch $@
 
 ## run: the whole system (Temporal dev server + worker + gRPC server); Ctrl-C stops it all.
+# Background jobs of a non-interactive shell ignore SIGINT, so Ctrl-C reaches
+# only this shell; its trap stops the server and worker first, Temporal last.
 run: install
-	@$(PY) -m server.devstack --temporal-db $(TEMPORAL_DB) \
-		--temporal-port $(TEMPORAL_PORT) --temporal-ui-port $(TEMPORAL_UI_PORT)
+	@mkdir -p $(dir $(TEMPORAL_DB))
+	@set -u; \
+	temporal server start-dev --db-filename $(TEMPORAL_DB) --port $(TEMPORAL_PORT) \
+		--ui-port $(TEMPORAL_UI_PORT) --log-level warn & temporal_pid=$$!; \
+	$(PY) -m worker --temporal-address localhost:$(TEMPORAL_PORT) & worker_pid=$$!; \
+	$(PY) -m server --temporal-address localhost:$(TEMPORAL_PORT) & server_pid=$$!; \
+	stop() { trap - INT TERM; echo; echo "Stopping..."; \
+		kill -TERM $$server_pid $$worker_pid 2>/dev/null; wait $$server_pid $$worker_pid 2>/dev/null; \
+		kill -TERM $$temporal_pid 2>/dev/null; wait $$temporal_pid 2>/dev/null; exit 0; }; \
+	trap stop INT TERM; \
+	for i in $$(seq 120); do \
+		grpcurl -plaintext -d '{"service":"acme.orders.v1.OrderService"}' localhost:$${ORDER_SERVICE_PORT:-50051} \
+			grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"' && break; sleep 0.5; done; \
+	echo; \
+	echo "  OrderService  localhost:$${ORDER_SERVICE_PORT:-50051}  (grpcurl -plaintext localhost:$${ORDER_SERVICE_PORT:-50051} list)"; \
+	echo "  Temporal UI   http://localhost:$(TEMPORAL_UI_PORT)"; \
+	echo "  State         $(TEMPORAL_DB)   Emails  outbox/"; \
+	echo "  The README's grpcurl walkthrough works from here. Ctrl-C stops everything."; \
+	echo; \
+	wait -n; echo "A component exited; stopping the rest."; stop
 
 ## temporal: only the Temporal dev server, state in $(TEMPORAL_DB), UI on $(TEMPORAL_UI_PORT).
 temporal: install
