@@ -32,7 +32,7 @@ run: install
 	@mkdir -p $(dir $(TEMPORAL_DB))
 	@set -u; \
 	temporal server start-dev --db-filename $(TEMPORAL_DB) --port $(TEMPORAL_PORT) \
-		--ui-port $(TEMPORAL_UI_PORT) --log-level warn & temporal_pid=$$!; \
+		--ui-port $(TEMPORAL_UI_PORT) --log-level error & temporal_pid=$$!; \
 	$(PY) -m worker --temporal-address localhost:$(TEMPORAL_PORT) & worker_pid=$$!; \
 	$(PY) -m server --temporal-address localhost:$(TEMPORAL_PORT) & server_pid=$$!; \
 	stop() { trap - INT TERM; echo; echo "Stopping..."; \

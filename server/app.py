@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from temporalio.client import Client
@@ -69,7 +70,8 @@ async def start_server(config: ServerConfig, client: Client | None = None) -> Or
     enable_reflection(
         server,
         [SERVICE_NAME, grpc_health.SERVICE_NAME],
-        [pb.DESCRIPTOR, health_pb2.DESCRIPTOR],
+        # error_details: so grpcurl and GUIs can decode the google.rpc error details.
+        [pb.DESCRIPTOR, health_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR],
     )
     address = _listen_address(config.host, config.port)
     try:

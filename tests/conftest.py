@@ -175,7 +175,7 @@ async def slow_stack(
     """Slow inventory, preparation and delivery: a test can act while an order is mid-flight."""
     outbox = tmp_path_factory.mktemp("slow-outbox")
     simulation = replace(
-        SimulationConfig.instant(str(outbox)), inventory=1.0, prepare=2.0, deliver=3.0
+        SimulationConfig.instant(str(outbox)), inventory=1.0, prepare=3.0, deliver=3.0
     )
     async with open_stack(temporal.client, outbox, simulation=simulation) as s:
         yield s

@@ -116,6 +116,9 @@ async def test_cancel_after_payment_refunds_and_releases(slow_stack: Stack) -> N
     assert order.refund_info.refund_id
     assert order.inventory_info.released
     assert not order.HasField("shipment_info")
+    # The cancel did not wait for the 3 s packaging step to finish: it interrupted it.
+    captured, refunded = order.payment_info.timestamp, order.refund_info.refunded_at
+    assert refunded.ToDatetime() - captured.ToDatetime() < timedelta(seconds=3)
     subjects = email_subjects(stack.outbox, created.order_id)
     assert {"order_received", "payment_confirmed", "order_cancelled"} <= subjects.keys()
     assert "order_shipped" not in subjects

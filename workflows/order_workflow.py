@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
     from activities.order_activities import OrderActivities
@@ -50,6 +51,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.money import Money
 
+_T = TypeVar("_T")
+
 # The seed promises delivery three days after payment.
 DELIVERY_ESTIMATE = timedelta(days=3)
 # Bounds the state (and so every query answer) when a client floods bad payments.
@@ -63,6 +66,7 @@ STEP_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
 )
 STEP_TIMEOUT = timedelta(seconds=30)
+STEP_HEARTBEAT = timedelta(seconds=10)
 # The payment gateway's verdicts that retrying cannot change.
 PAYMENT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -211,13 +215,16 @@ class OrderWorkflow:
             return await self._compensate()
 
         self._set_status(OrderStatus.PREPARING)
-        package_id = await workflow.execute_activity_method(
-            OrderActivities.prepare_shipment,
-            PrepareShipmentInput(order.order_id, list(order.items)),
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=STEP_RETRY,
+        package_id = await self._unless_cancelled(
+            workflow.start_activity_method(
+                OrderActivities.prepare_shipment,
+                PrepareShipmentInput(order.order_id, list(order.items)),
+                start_to_close_timeout=STEP_TIMEOUT,
+                heartbeat_timeout=STEP_HEARTBEAT,
+                retry_policy=STEP_RETRY,
+            )
         )
-        if self._cancel is not None:
+        if package_id is None or self._cancel is not None:
             return await self._compensate()
 
         self._handed_to_carrier = True
@@ -247,6 +254,20 @@ class OrderWorkflow:
         self._state.delivered_at = workflow.now()
         self._set_status(OrderStatus.DELIVERED)
         self._notify(NotificationKind.ORDER_DELIVERED)
+
+    async def _unless_cancelled(self, step: ActivityHandle[_T]) -> _T | None:
+        """The step's result, or None if the order is cancelled first.
+
+        Packaging can stop half-way, so a cancel need not wait for it: the
+        activity is cancelled and compensation starts at once.
+        """
+        cancelled = asyncio.ensure_future(workflow.wait_condition(lambda: self._cancel is not None))
+        await workflow.wait([step, cancelled], return_when=asyncio.FIRST_COMPLETED)
+        if step.done():
+            cancelled.cancel()
+            return step.result()
+        step.cancel()
+        return None
 
     async def _charge(self) -> bool:
         """Captures the accepted payment; False (and a cancel reason) if the gateway refuses."""
