@@ -13,6 +13,9 @@ TEMPORAL_DB ?= .temporal/orders.db
 TEMPORAL_PORT ?= 7233
 TEMPORAL_UI_PORT ?= 8233
 
+# The custom search attributes ListOrders filters on (workflows/search_attributes.py).
+SEARCH_ATTRIBUTES = $(shell $(PY) -m workflows.search_attributes)
+
 export PATH := $(BIN):$(PATH)
 SHELL := /bin/bash
 
@@ -32,7 +35,7 @@ run: install
 	@mkdir -p $(dir $(TEMPORAL_DB))
 	@set -u; \
 	temporal server start-dev --db-filename $(TEMPORAL_DB) --port $(TEMPORAL_PORT) \
-		--ui-port $(TEMPORAL_UI_PORT) --log-level error & temporal_pid=$$!; \
+		--ui-port $(TEMPORAL_UI_PORT) --log-level error $(SEARCH_ATTRIBUTES) & temporal_pid=$$!; \
 	$(PY) -m worker --temporal-address localhost:$(TEMPORAL_PORT) & worker_pid=$$!; \
 	$(PY) -m server --temporal-address localhost:$(TEMPORAL_PORT) & server_pid=$$!; \
 	stop() { trap - INT TERM; echo; echo "Stopping..."; \
@@ -54,7 +57,7 @@ run: install
 temporal: install
 	@mkdir -p $(dir $(TEMPORAL_DB))
 	temporal server start-dev --db-filename $(TEMPORAL_DB) \
-		--port $(TEMPORAL_PORT) --ui-port $(TEMPORAL_UI_PORT) --log-level warn
+		--port $(TEMPORAL_PORT) --ui-port $(TEMPORAL_UI_PORT) --log-level warn $(SEARCH_ATTRIBUTES)
 
 ## worker: only the Temporal worker (workflow + activities).
 worker: install

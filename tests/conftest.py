@@ -35,6 +35,7 @@ from activities.order_activities import OrderActivities
 from server.app import OrderServer, start_server
 from server.config import ServerConfig
 from worker.app import build_worker
+from workflows import search_attributes
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -79,6 +80,7 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=venv_binary("temporal"),
         dev_server_log_level="error",
+        search_attributes=search_attributes.ALL,
     )
     try:
         yield env

@@ -8,6 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest_asyncio
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
@@ -15,6 +17,7 @@ from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
 from tests.conftest import venv_binary
 from worker.app import build_worker
+from workflows import search_attributes
 from workflows.models import (
     CONFIRM_PAYMENT_SIGNAL,
     WORKFLOW_NAME,
@@ -35,6 +38,16 @@ PRICE = Money("USD", 999, 990_000_000)
 async def skipping() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=venv_binary("temporal-test-server")
+    )
+    # The time-skipping server takes custom search attributes only this way.
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                k.name: IndexedValueType.ValueType(k.indexed_value_type.value)
+                for k in search_attributes.ALL
+            },
+        )
     )
     try:
         yield env

@@ -26,6 +26,11 @@ GET_FULL_STATE_QUERY = "get_full_state"
 GET_ESTIMATED_DELIVERY_QUERY = "get_estimated_delivery"
 
 
+# Error types of activity failures that retrying cannot fix.
+OUT_OF_STOCK_ERROR = "OutOfStock"
+PAYMENT_DECLINED_ERROR = "PaymentDeclined"
+
+
 def workflow_id_for(order_id: str) -> str:
     """The id of the workflow that runs an order."""
     return f"order-{order_id}"

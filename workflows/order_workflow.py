@@ -23,12 +23,15 @@ from temporalio.workflow import ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
     from activities.order_activities import OrderActivities
+    from workflows import search_attributes
     from workflows.models import (
         CANCEL_ORDER_SIGNAL,
         CONFIRM_PAYMENT_SIGNAL,
         GET_ESTIMATED_DELIVERY_QUERY,
         GET_FULL_STATE_QUERY,
         GET_ORDER_STATUS_QUERY,
+        OUT_OF_STOCK_ERROR,
+        PAYMENT_DECLINED_ERROR,
         WORKFLOW_NAME,
         CancelRequest,
         ChargePaymentInput,
@@ -67,13 +70,19 @@ STEP_RETRY = RetryPolicy(
 )
 STEP_TIMEOUT = timedelta(seconds=30)
 STEP_HEARTBEAT = timedelta(seconds=10)
-# The payment gateway's verdicts that retrying cannot change.
+# Retrying cannot change the warehouse's "out of stock" or the gateway's "declined".
+RESERVE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    non_retryable_error_types=[OUT_OF_STOCK_ERROR],
+)
 PAYMENT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=10,
-    non_retryable_error_types=["PaymentDeclined", "IdempotencyKeyReused"],
+    non_retryable_error_types=[PAYMENT_DECLINED_ERROR, "IdempotencyKeyReused"],
 )
 # Compensation and emails must eventually happen: retried until they succeed.
 FOREVER_RETRY = RetryPolicy(
@@ -85,6 +94,11 @@ FOREVER_RETRY = RetryPolicy(
 DELIVERY_TIMEOUT = timedelta(hours=1)
 DELIVERY_HEARTBEAT = timedelta(seconds=30)
 EMAIL_SCHEDULE_TO_CLOSE = timedelta(days=1)
+
+
+def _failure_message(err: ActivityError) -> str:
+    """The provider's own words for why an activity failed for good."""
+    return err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
 
 
 def _describe_timeout(seconds: int) -> str:
@@ -186,12 +200,18 @@ class OrderWorkflow:
         return self._state
 
     async def _process(self, order: OrderInput) -> None:
-        reservation = await workflow.execute_activity_method(
-            OrderActivities.reserve_inventory,
-            ReserveInventoryInput(order.order_id, list(order.items)),
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=STEP_RETRY,
-        )
+        self._publish_for_listing()
+        try:
+            reservation = await workflow.execute_activity_method(
+                OrderActivities.reserve_inventory,
+                ReserveInventoryInput(order.order_id, list(order.items)),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RESERVE_RETRY,
+            )
+        except ActivityError as err:
+            # Out of stock: nothing was reserved and nothing was charged.
+            self._cancel = CancelRequest(f"Inventory not reserved: {_failure_message(err)}")
+            return await self._compensate()
         self._state.inventory_info.reservation_id = reservation
         self._touch()
         self._notify(NotificationKind.ORDER_RECEIVED)
@@ -287,7 +307,7 @@ class OrderWorkflow:
                 retry_policy=PAYMENT_RETRY,
             )
         except ActivityError as err:
-            cause = err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
+            cause = _failure_message(err)
             self._state.payment_info = None
             self._reject_payment(payment, f"Payment failed: {cause}")
             self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
@@ -424,6 +444,23 @@ class OrderWorkflow:
     def _set_status(self, status: OrderStatus) -> None:
         self._state.status = status
         self._touch()
+        workflow.upsert_search_attributes([search_attributes.ORDER_STATUS.value_set(status.value)])
+
+    def _publish_for_listing(self) -> None:
+        """Search attributes for ListOrders' filters, and the exact total for its results."""
+        state = self._state
+        workflow.upsert_search_attributes(
+            [
+                search_attributes.ORDER_CUSTOMER_ID.value_set(state.customer_id),
+                search_attributes.ORDER_STATUS.value_set(state.status.value),
+                search_attributes.ORDER_CREATED_AT.value_set(state.created_at),
+                search_attributes.ORDER_CURRENCY.value_set(state.total_amount.currency_code),
+                search_attributes.ORDER_TOTAL_MICROS.value_set(
+                    search_attributes.total_micros(state.total_amount)
+                ),
+            ]
+        )
+        workflow.upsert_memo({search_attributes.MEMO_TOTAL_AMOUNT: state.total_amount})
 
     def _touch(self) -> None:
         self._state.updated_at = workflow.now()

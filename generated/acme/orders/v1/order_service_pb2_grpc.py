@@ -69,6 +69,16 @@ class OrderServiceStub:
                 request_serializer=acme_dot_orders_dot_v1_dot_order__service__pb2.GetEstimatedDeliveryRequest.SerializeToString,
                 response_deserializer=acme_dot_orders_dot_v1_dot_order__service__pb2.GetEstimatedDeliveryResponse.FromString,
                 _registered_method=True)
+        self.ListOrders = channel.unary_unary(
+                '/acme.orders.v1.OrderService/ListOrders',
+                request_serializer=acme_dot_orders_dot_v1_dot_order__service__pb2.ListOrdersRequest.SerializeToString,
+                response_deserializer=acme_dot_orders_dot_v1_dot_order__service__pb2.ListOrdersResponse.FromString,
+                _registered_method=True)
+        self.WatchOrder = channel.unary_stream(
+                '/acme.orders.v1.OrderService/WatchOrder',
+                request_serializer=acme_dot_orders_dot_v1_dot_order__service__pb2.WatchOrderRequest.SerializeToString,
+                response_deserializer=acme_dot_orders_dot_v1_dot_order__service__pb2.Order.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
@@ -126,6 +136,24 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOrders(self, request, context):
+        """Lists orders, newest first, optionally filtered by customer, status and
+        creation time. Paged as in AIP-158. Served from Temporal's visibility
+        store, which lags the orders themselves by up to a few seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOrder(self, request, context):
+        """Streams the order: its current state at once, then the new state after
+        every change. The stream ends after the order is delivered or cancelled
+        (at once for an order that already is).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +186,16 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     servicer.GetEstimatedDelivery,
                     request_deserializer=acme_dot_orders_dot_v1_dot_order__service__pb2.GetEstimatedDeliveryRequest.FromString,
                     response_serializer=acme_dot_orders_dot_v1_dot_order__service__pb2.GetEstimatedDeliveryResponse.SerializeToString,
+            ),
+            'ListOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrders,
+                    request_deserializer=acme_dot_orders_dot_v1_dot_order__service__pb2.ListOrdersRequest.FromString,
+                    response_serializer=acme_dot_orders_dot_v1_dot_order__service__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'WatchOrder': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOrder,
+                    request_deserializer=acme_dot_orders_dot_v1_dot_order__service__pb2.WatchOrderRequest.FromString,
+                    response_serializer=acme_dot_orders_dot_v1_dot_order__service__pb2.Order.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -327,6 +365,60 @@ class OrderService:
             '/acme.orders.v1.OrderService/GetEstimatedDelivery',
             acme_dot_orders_dot_v1_dot_order__service__pb2.GetEstimatedDeliveryRequest.SerializeToString,
             acme_dot_orders_dot_v1_dot_order__service__pb2.GetEstimatedDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acme.orders.v1.OrderService/ListOrders',
+            acme_dot_orders_dot_v1_dot_order__service__pb2.ListOrdersRequest.SerializeToString,
+            acme_dot_orders_dot_v1_dot_order__service__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/acme.orders.v1.OrderService/WatchOrder',
+            acme_dot_orders_dot_v1_dot_order__service__pb2.WatchOrderRequest.SerializeToString,
+            acme_dot_orders_dot_v1_dot_order__service__pb2.Order.FromString,
             options,
             channel_credentials,
             insecure,

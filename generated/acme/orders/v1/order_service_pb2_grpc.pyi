@@ -64,6 +64,16 @@ class OrderServiceStub:
     """Returns only the order's status (the `get_order_status` query)."""
     GetEstimatedDelivery: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.GetEstimatedDeliveryRequest, _order_service_pb2.GetEstimatedDeliveryResponse]
     """Returns the estimated delivery time (the `get_estimated_delivery` query)."""
+    ListOrders: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]
+    """Lists orders, newest first, optionally filtered by customer, status and
+    creation time. Paged as in AIP-158. Served from Temporal's visibility
+    store, which lags the orders themselves by up to a few seconds.
+    """
+    WatchOrder: _grpc.UnaryStreamMultiCallable[_order_service_pb2.WatchOrderRequest, _order_service_pb2.Order]
+    """Streams the order: its current state at once, then the new state after
+    every change. The stream ends after the order is delivered or cancelled
+    (at once for an order that already is).
+    """
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -95,6 +105,16 @@ class OrderServiceAsyncStub(OrderServiceStub):
     """Returns only the order's status (the `get_order_status` query)."""
     GetEstimatedDelivery: _aio.UnaryUnaryMultiCallable[_order_service_pb2.GetEstimatedDeliveryRequest, _order_service_pb2.GetEstimatedDeliveryResponse]  # type: ignore[assignment]
     """Returns the estimated delivery time (the `get_estimated_delivery` query)."""
+    ListOrders: _aio.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
+    """Lists orders, newest first, optionally filtered by customer, status and
+    creation time. Paged as in AIP-158. Served from Temporal's visibility
+    store, which lags the orders themselves by up to a few seconds.
+    """
+    WatchOrder: _aio.UnaryStreamMultiCallable[_order_service_pb2.WatchOrderRequest, _order_service_pb2.Order]  # type: ignore[assignment]
+    """Streams the order: its current state at once, then the new state after
+    every change. The stream ends after the order is delivered or cancelled
+    (at once for an order that already is).
+    """
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Creates, pays, cancels and reads orders. Errors use the canonical gRPC
@@ -159,5 +179,27 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_order_service_pb2.GetEstimatedDeliveryResponse, _abc.Awaitable[_order_service_pb2.GetEstimatedDeliveryResponse]]:
         """Returns the estimated delivery time (the `get_estimated_delivery` query)."""
+
+    @_abc_1.abstractmethod
+    def ListOrders(
+        self,
+        request: _order_service_pb2.ListOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_order_service_pb2.ListOrdersResponse, _abc.Awaitable[_order_service_pb2.ListOrdersResponse]]:
+        """Lists orders, newest first, optionally filtered by customer, status and
+        creation time. Paged as in AIP-158. Served from Temporal's visibility
+        store, which lags the orders themselves by up to a few seconds.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchOrder(
+        self,
+        request: _order_service_pb2.WatchOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_order_service_pb2.Order], _abc.AsyncIterator[_order_service_pb2.Order]]:
+        """Streams the order: its current state at once, then the new state after
+        every change. The stream ends after the order is delivered or cancelled
+        (at once for an order that already is).
+        """
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,59 @@
+"""The custom search attributes each order keeps up to date, for ListOrders.
+
+They must be registered on the Temporal server before a workflow can set
+them: `make run` / `make temporal` pass `DEV_SERVER_FLAGS` to
+`temporal server start-dev`, the tests pass `ALL` to
+`WorkflowEnvironment.start_local`, and on a real cluster an operator runs
+`temporal operator search-attribute create` once per key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.common import SearchAttributeKey
+
+from workflows.money import Money
+
+ORDER_CUSTOMER_ID = SearchAttributeKey.for_keyword("OrderCustomerId")
+ORDER_STATUS = SearchAttributeKey.for_keyword("OrderStatus")
+ORDER_CREATED_AT = SearchAttributeKey.for_datetime("OrderCreatedAt")
+ORDER_CURRENCY = SearchAttributeKey.for_keyword("OrderCurrency")
+# Visibility has no decimal type, and a float would round money. Whole
+# micro-units (1/1,000,000) fit an int64 up to 9.2 trillion, beyond any order;
+# the exact total is in the workflow's memo.
+ORDER_TOTAL_MICROS = SearchAttributeKey.for_int("OrderTotalMicros")
+
+ALL: list[SearchAttributeKey[Any]] = [
+    ORDER_CUSTOMER_ID,
+    ORDER_STATUS,
+    ORDER_CREATED_AT,
+    ORDER_CURRENCY,
+    ORDER_TOTAL_MICROS,
+]
+
+# The memo key holding the exact total (a Money), returned with list results.
+MEMO_TOTAL_AMOUNT = "total_amount"
+
+_CLI_TYPES = {
+    "KEYWORD": "Keyword",
+    "DATETIME": "Datetime",
+    "INT": "Int",
+}
+
+
+def dev_server_flags() -> list[str]:
+    """`temporal server start-dev` arguments registering every key."""
+    flags = []
+    for key in ALL:
+        flags += ["--search-attribute", f"{key.name}={_CLI_TYPES[key.indexed_value_type.name]}"]
+    return flags
+
+
+def total_micros(total: Money) -> int:
+    """An order total (never negative) in whole micro-units, for filtering only."""
+    return total.total_nanos // 1000
+
+
+if __name__ == "__main__":
+    print(" ".join(dev_server_flags()))
