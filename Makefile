@@ -48,7 +48,7 @@ run: install
 	echo; \
 	echo "  OrderService  localhost:$${ORDER_SERVICE_PORT:-50051}  (grpcurl -plaintext localhost:$${ORDER_SERVICE_PORT:-50051} list)"; \
 	echo "  Temporal UI   http://localhost:$(TEMPORAL_UI_PORT)"; \
-	echo "  State         $(TEMPORAL_DB)   Emails  outbox/"; \
+	echo "  State         $(TEMPORAL_DB)   Emails  $${ORDER_SMTP_HOST:-outbox/}"; \
 	echo "  The README's grpcurl walkthrough works from here. Ctrl-C stops everything."; \
 	echo; \
 	wait -n; echo "A component exited; stopping the rest."; stop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
 import re
 from datetime import UTC, datetime
@@ -104,14 +105,33 @@ def body_for(notification: Notification) -> str:
     return "Hello,\n\n" + "\n".join(lines) + "\n\nAcme Orders\n"
 
 
-def render_notification(notification: Notification, sent_at: datetime) -> EmailMessage:
+def parse_sender(text: str) -> Address:
+    """The From address: "orders@acme.example" or "Acme Orders <orders@acme.example>".
+
+    Raises InvalidRecipientError (a ValueError) unless `text` is exactly one address.
+    """
+    if "\r" in text or "\n" in text:
+        raise InvalidRecipientError(f"not a single email address: {text!r}")
+    header = email.policy.default.header_factory("From", text)
+    addresses: tuple[object, ...] = getattr(header, "addresses", ())
+    if header.defects or len(addresses) != 1:
+        raise InvalidRecipientError(f"not a single email address: {text!r}")
+    address = addresses[0]
+    if not isinstance(address, Address) or not address.username or not address.domain:
+        raise InvalidRecipientError(f"not a valid email address: {text!r}")
+    return address
+
+
+def render_notification(
+    notification: Notification, sent_at: datetime, sender: str = SENDER
+) -> EmailMessage:
     """The whole message; `sent_at` becomes the Date header, so pass one that retries share.
 
     Raises InvalidRecipientError when the recipient is not one plain address:
     that is never going to work, however often it is retried.
     """
     message = EmailMessage()
-    message["From"] = SENDER
+    message["From"] = parse_sender(sender)
     message["To"] = _parse_single_address(recipient_for(notification))
     message["Subject"] = subject_for(notification)
     message["Date"] = format_datetime(_as_aware(sent_at))

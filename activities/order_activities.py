@@ -6,6 +6,12 @@ it is idempotent by key, so a retried call returns the first call's result
 and has no second effect. The effect is recorded only once the simulated call
 has finished, so an attempt cancelled part-way leaves nothing behind.
 
+Failures can be switched on (SimulationConfig): limited stock ("OutOfStock"),
+declining payment rules ("PaymentDeclined"), both final; and transient
+outages ("ProviderUnavailable") that the workflow's retry policies ride out.
+An outage fails an attempt before it reaches the provider, so a failed
+attempt has no effect either.
+
 The providers' state lives in memory: it is lost when the worker restarts,
 like a sandbox account that is reset.
 """
@@ -15,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from temporalio import activity
@@ -24,8 +32,10 @@ from temporalio.exceptions import ApplicationError
 
 from activities.config import SimulationConfig
 from activities.email import InvalidRecipientError, render_notification
-from activities.mailer import Mailer, OutboxMailer
+from activities.mailer import MailDeliveryError, Mailer, mailer_for
 from workflows.models import (
+    OUT_OF_STOCK_ERROR,
+    PAYMENT_DECLINED_ERROR,
     ChargePaymentInput,
     DeliverOrderInput,
     Notification,
@@ -37,7 +47,7 @@ from workflows.models import (
     Shipment,
     ShipOrderInput,
 )
-from workflows.money import Money
+from workflows.money import NANOS_PER_UNIT, Money
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +56,28 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_SECONDS = 1.0
 CARRIER = "fedex"
 
-# ApplicationError types: all non-retryable, because a retry would fail the same way.
+# ApplicationError types, non-retryable because a retry would fail the same way
+# (as are models.OUT_OF_STOCK_ERROR and models.PAYMENT_DECLINED_ERROR)...
 IDEMPOTENCY_KEY_REUSED = "IdempotencyKeyReused"
 INVALID_ORDER = "InvalidOrder"
 INVALID_AMOUNT = "InvalidAmount"
 INVALID_RECIPIENT = "InvalidRecipient"
+RECIPIENT_REJECTED = "RecipientRejected"  # the mail server said 5xx to the recipient
+# ...and retryable ones: the provider may well answer next time.
+PROVIDER_UNAVAILABLE = "ProviderUnavailable"  # a simulated outage
+MAIL_SERVER_UNAVAILABLE = "MailServerUnavailable"
+
+# Who a simulated outage of each activity is blamed on, for its message.
+PROVIDERS: dict[str, str] = {
+    "reserve_inventory": "inventory service",
+    "release_inventory": "inventory service",
+    "charge_payment": "payment gateway",
+    "refund_payment": "payment gateway",
+    "prepare_shipment": "warehouse",
+    "ship_order": "carrier",
+    "deliver_order": "carrier",
+    "send_notification": "mail service",
+}
 
 
 @dataclass
@@ -59,6 +86,8 @@ class Reservation:
     order_id: str
     quantity: int
     released: bool = False
+    # Units taken from limited stock, per product id; given back on release.
+    taken: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,9 +127,21 @@ class OrderActivities:
     them as `OrderActivities.<name>`.
     """
 
-    def __init__(self, config: SimulationConfig, mailer: Mailer | None = None) -> None:
+    def __init__(
+        self,
+        config: SimulationConfig,
+        mailer: Mailer | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
-        self.mailer: Mailer = mailer if mailer is not None else OutboxMailer(config.outbox_dir)
+        self.mailer: Mailer = mailer if mailer is not None else mailer_for(config)
+        # Units left per product with limited stock; unlimited products are absent.
+        self.stock: dict[str, int] = dict(config.stock)
+        self._random = rng if rng is not None else random.Random()
+        logger.info("Emails go to the %s", self.mailer)
+        if config.simulates_failures:
+            logger.info("Simulated failures: %s", config.describe_failures())
         # Each store is keyed by the call's idempotency key.
         self.reservations: dict[str, Reservation] = {}  # by order id
         self.charges: dict[str, Charge] = {}  # by idempotency key
@@ -132,12 +173,23 @@ class OrderActivities:
         """How many refunds were made under this key: 0 or 1, however often it was retried."""
         return 1 if idempotency_key in self.refunds else 0
 
+    def stock_level(self, product_id: str) -> int | None:
+        """Units of a product in stock, or None if its stock is unlimited."""
+        if product_id in self.stock:
+            return self.stock[product_id]
+        return self.config.default_stock
+
     # --- Inventory -----------------------------------------------------------
 
     @activity.defn
     async def reserve_inventory(self, input: ReserveInventoryInput) -> str:
-        """Reserves the order's items; returns the reservation id."""
+        """Reserves the order's items, taking them from stock; returns the reservation id.
+
+        Fails with a non-retryable OutOfStock error, reserving nothing, if any
+        product has fewer units in stock than the order needs.
+        """
         quantity = _total_quantity(input.order_id, input.items)
+        self._maybe_fail("reserve_inventory", input.order_id)
         if input.order_id not in self.reservations:
             await self._simulate(self.config.inventory, input.order_id, "reserving inventory")
         reservation = self.reservations.get(input.order_id)
@@ -148,7 +200,27 @@ class OrderActivities:
                 reservation.reservation_id,
             )
             return reservation.reservation_id
-        reservation = Reservation(f"RSV-{input.order_id}", input.order_id, quantity)
+        # Checked and taken with no await in between, so concurrent orders
+        # cannot both get the last unit.
+        wanted: dict[str, int] = {}
+        for item in input.items:
+            wanted[item.product_id] = wanted.get(item.product_id, 0) + item.quantity
+        taken = {p: n for p, n in wanted.items() if self.stock_level(p) is not None}
+        shortages = [
+            f"{product} (requested {units}, available {available})"
+            for product, units in taken.items()
+            if units > (available := self.stock_level(product) or 0)
+        ]
+        if shortages:
+            logger.info("order %s: out of stock: %s", input.order_id, ", ".join(shortages))
+            raise ApplicationError(
+                f"Out of stock: {', '.join(shortages)}",
+                type=OUT_OF_STOCK_ERROR,
+                non_retryable=True,
+            )
+        for product, units in taken.items():
+            self.stock[product] = (self.stock_level(product) or 0) - units
+        reservation = Reservation(f"RSV-{input.order_id}", input.order_id, quantity, taken=taken)
         self.reservations[input.order_id] = reservation
         logger.info(
             "order %s: reserved %d item(s) as %s",
@@ -160,7 +232,9 @@ class OrderActivities:
 
     @activity.defn
     async def release_inventory(self, input: ReleaseInventoryInput) -> None:
-        """Releases a reservation; releasing twice, or one never made, is a no-op."""
+        """Releases a reservation, giving its stock back; releasing twice, or one never made,
+        is a no-op."""
+        self._maybe_fail("release_inventory", input.order_id)
         reservation = self.reservations.get(input.order_id)
         if reservation is None or reservation.released:
             # Compensation must not fail: nothing held means nothing to release.
@@ -181,7 +255,10 @@ class OrderActivities:
                 input.reservation_id,
             )
         if not reservation.released:
+            # The flag and the stock change together, so stock is given back once.
             reservation.released = True
+            for product, units in reservation.taken.items():
+                self.stock[product] = self.stock.get(product, 0) + units
             logger.info(
                 "order %s: released reservation %s (%d item(s))",
                 input.order_id,
@@ -193,8 +270,12 @@ class OrderActivities:
 
     @activity.defn
     async def charge_payment(self, input: ChargePaymentInput) -> str:
-        """Captures the payment, at most once per idempotency key; returns the capture id."""
+        """Captures the payment, at most once per idempotency key; returns the capture id.
+
+        Fails with a non-retryable PaymentDeclined error if a decline rule matches.
+        """
         _require_positive(input.order_id, input.amount)
+        self._maybe_fail("charge_payment", input.order_id)
         key = input.idempotency_key
         if key not in self.charges:
             await self._simulate(self.config.payment, input.order_id, "charging payment")
@@ -218,6 +299,10 @@ class OrderActivities:
                 charge.capture_id,
             )
             return charge.capture_id
+        decline = self._decline_reason(input)
+        if decline is not None:
+            logger.info("order %s: payment %s declined", input.order_id, input.transaction_id)
+            raise ApplicationError(decline, type=PAYMENT_DECLINED_ERROR, non_retryable=True)
         capture_id = _unique_id(
             f"CAP-{input.transaction_id}", (c.capture_id for c in self.charges.values())
         )
@@ -238,6 +323,7 @@ class OrderActivities:
     async def refund_payment(self, input: RefundPaymentInput) -> str:
         """Refunds a payment, at most once per idempotency key; returns the refund id."""
         _require_positive(input.order_id, input.amount)
+        self._maybe_fail("refund_payment", input.order_id)
         key = input.idempotency_key
         if key not in self.refunds:
             await self._simulate(self.config.payment, input.order_id, "refunding payment")
@@ -278,6 +364,7 @@ class OrderActivities:
     async def prepare_shipment(self, input: PrepareShipmentInput) -> str:
         """Packs the order's items; returns the package id."""
         quantity = _total_quantity(input.order_id, input.items)
+        self._maybe_fail("prepare_shipment", input.order_id)
         if input.order_id not in self.packages:
             await self._simulate(self.config.prepare, input.order_id, "packing")
         package = self.packages.get(input.order_id)
@@ -294,6 +381,7 @@ class OrderActivities:
     @activity.defn
     async def ship_order(self, input: ShipOrderInput) -> Shipment:
         """Hands the package to the carrier; returns its tracking number."""
+        self._maybe_fail("ship_order", input.order_id)
         if input.order_id not in self.shipments:
             await self._simulate(self.config.ship, input.order_id, "shipping")
         shipment = self.shipments.get(input.order_id)
@@ -318,6 +406,7 @@ class OrderActivities:
     @activity.defn
     async def deliver_order(self, input: DeliverOrderInput) -> None:
         """The carrier's journey: returns once the parcel has been delivered."""
+        self._maybe_fail("deliver_order", input.order_id)
         if input.tracking_number not in self.deliveries:
             await self._simulate(self.config.deliver, input.order_id, "delivery")
         if input.tracking_number in self.deliveries:
@@ -330,21 +419,45 @@ class OrderActivities:
 
     @activity.defn
     async def send_notification(self, notification: Notification) -> None:
-        """Renders the email and hands it to the mailer, once per notification."""
+        """Renders the email and hands it to the mailer, once per notification.
+
+        A mail server that fails makes the attempt fail, to be retried; one that
+        permanently rejects the recipient (5xx) fails it for good.
+        """
         key = notification.idempotency_key
         try:
             # The first attempt's schedule time, so every retry renders the same bytes.
-            message = render_notification(notification, sent_at=activity.info().scheduled_time)
+            message = render_notification(
+                notification,
+                sent_at=activity.info().scheduled_time,
+                sender=self.config.email_from,
+            )
         except InvalidRecipientError as err:
             raise ApplicationError(str(err), type=INVALID_RECIPIENT, non_retryable=True) from err
-        if key not in self.sent_emails:
+        self._maybe_fail("send_notification", notification.order_id)
+        if key not in self.sent_emails and self.config.smtp is None:
+            # Simulated latency for the outbox only: a real SMTP server takes its own time.
             await self._simulate(self.config.email, notification.order_id, "sending email")
         if key in self.sent_emails:
             logger.info(
                 "order %s: %s email already sent", notification.order_id, notification.kind.value
             )
             return
-        await self.mailer.send(message, notification)
+        try:
+            await self.mailer.send(message, notification)
+        except MailDeliveryError as err:
+            logger.warning(
+                "order %s: %s email not sent (attempt %d): %s",
+                notification.order_id,
+                notification.kind.value,
+                activity.info().attempt,
+                err,
+            )
+            if err.permanent:
+                raise ApplicationError(
+                    str(err), type=RECIPIENT_REJECTED, non_retryable=True
+                ) from err
+            raise ApplicationError(str(err), type=MAIL_SERVER_UNAVAILABLE) from err
         self.sent_emails[key] = str(message["Message-ID"])
         logger.info(
             "order %s: emailed %r to %s",
@@ -354,6 +467,40 @@ class OrderActivities:
         )
 
     # --- Helpers -------------------------------------------------------------
+
+    def _maybe_fail(self, name: str, order_id: str) -> None:
+        """A simulated outage of the provider behind activity `name`, if configured.
+
+        Raised before the provider is called, so the failed attempt has no
+        effect and the retry starts afresh. Retryable, so that each failure
+        shows as one more attempt of the activity in the Temporal UI.
+        """
+        config = self.config
+        if name not in config.fail_activities:
+            return
+        attempt = activity.info().attempt
+        if attempt <= config.fail_first_attempts:
+            why = f"the first {config.fail_first_attempts} attempt(s) fail"
+        elif config.failure_rate and self._random.random() < config.failure_rate:
+            why = f"{config.failure_rate * 100:g}% of attempts fail"
+        else:
+            return
+        provider = PROVIDERS.get(name, "provider")
+        logger.info("order %s: %s attempt %d: simulated outage", order_id, name, attempt)
+        raise ApplicationError(
+            f"The {provider} is unavailable (simulated: attempt {attempt}, {why})",
+            type=PROVIDER_UNAVAILABLE,
+        )
+
+    def _decline_reason(self, input: ChargePaymentInput) -> str | None:
+        """Why the simulated gateway declines this charge, or None if it accepts it."""
+        method = input.payment_method.strip().lower()
+        if method in self.config.decline_methods:
+            return f"Card declined by the gateway (payment method {input.payment_method!r})"
+        limit = self.config.decline_over
+        if limit is not None and _exceeds(input.amount, limit):
+            return f"Charge of {input.amount} declined by the gateway: above the limit of {limit}"
+        return None
 
     async def _simulate(self, seconds: float, order_id: str, step: str) -> None:
         """Takes `seconds` like a remote call would, heartbeating so a cancel can reach it."""
@@ -383,6 +530,12 @@ def _total_quantity(order_id: str, items: Iterable[OrderItem]) -> int:
             non_retryable=True,
         )
     return sum(quantities)
+
+
+def _exceeds(amount: Money, limit: Decimal) -> bool:
+    """amount > limit, compared exactly as integers (the limit's own currency is implied)."""
+    numerator, denominator = limit.as_integer_ratio()
+    return amount.total_nanos * denominator > numerator * NANOS_PER_UNIT
 
 
 def _require_positive(order_id: str, amount: Money) -> None:

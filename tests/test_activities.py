@@ -5,23 +5,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from activities.config import SimulationConfig
+from activities.config import (
+    ALL_ACTIVITIES,
+    COMPENSATION_ACTIVITIES,
+    FORWARD_ACTIVITIES,
+    SimulationConfig,
+    SmtpConfig,
+    SmtpSecurity,
+)
 from activities.email import TITLES
 from activities.mailer import OutboxMailer
 from activities.order_activities import OrderActivities
 from workflows.models import (
+    OUT_OF_STOCK_ERROR,
+    PAYMENT_DECLINED_ERROR,
     ChargePaymentInput,
     DeliverOrderInput,
     Notification,
@@ -450,3 +463,335 @@ def test_demo_defaults_deliver_within_30_s_and_leave_time_to_cancel() -> None:
 def test_bad_duration_names_the_variable(value: str) -> None:
     with pytest.raises(ValueError, match="ORDER_SIM_SHIP_SECONDS"):
         SimulationConfig.from_env({"ORDER_SIM_SHIP_SECONDS": value})
+
+
+# --- Simulated stock ----------------------------------------------------------------
+
+
+def limited(outbox: Path, **changes: Any) -> OrderActivities:
+    return OrderActivities(dataclasses.replace(SimulationConfig.instant(outbox), **changes))
+
+
+async def test_stock_is_taken_once_and_given_back_once(
+    outbox: Path, env: ActivityEnvironment
+) -> None:
+    acts = limited(outbox, stock={"PROD-123": 5, "PROD-9": 2})
+    # ITEMS: 1 × PROD-123 and 2 × PROD-9.
+    reservation_id = await env.run(acts.reserve_inventory, ReserveInventoryInput("ORD-1", ITEMS))
+    await env.run(acts.reserve_inventory, ReserveInventoryInput("ORD-1", ITEMS))  # a retry
+    assert (acts.stock_level("PROD-123"), acts.stock_level("PROD-9")) == (4, 0)
+    assert acts.stock_level("PROD-OTHER") is None  # not listed: unlimited
+
+    release = ReleaseInventoryInput("ORD-1", reservation_id)
+    await env.run(acts.release_inventory, release)
+    await env.run(acts.release_inventory, release)
+    assert (acts.stock_level("PROD-123"), acts.stock_level("PROD-9")) == (5, 2)
+
+
+async def test_out_of_stock_is_final_and_reserves_nothing(
+    outbox: Path, env: ActivityEnvironment
+) -> None:
+    acts = limited(outbox, stock={"PROD-123": 5, "PROD-9": 1})
+    items = [*ITEMS, OrderItem("PROD-9", "Mouse", 1, LAPTOP)]  # 3 × PROD-9 in all
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.reserve_inventory, ReserveInventoryInput("ORD-1", items))
+    assert caught.value.type == OUT_OF_STOCK_ERROR
+    assert caught.value.non_retryable
+    assert caught.value.message == "Out of stock: PROD-9 (requested 3, available 1)"
+    assert acts.reservations == {}
+    assert (acts.stock_level("PROD-123"), acts.stock_level("PROD-9")) == (5, 1)
+
+
+async def test_default_stock_covers_unlisted_products(
+    outbox: Path, env: ActivityEnvironment
+) -> None:
+    acts = limited(outbox, stock={"PROD-9": 10}, default_stock=1)
+    await env.run(acts.reserve_inventory, ReserveInventoryInput("ORD-1", ITEMS))
+    assert (acts.stock_level("PROD-123"), acts.stock_level("PROD-9")) == (0, 8)
+    assert acts.stock_level("PROD-NEW") == 1
+    with pytest.raises(ApplicationError, match=r"PROD-123 \(requested 1, available 0\)"):
+        await env.run(acts.reserve_inventory, ReserveInventoryInput("ORD-2", ITEMS))
+
+
+# --- Simulated declines ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["declined_card", "Declined_Card"])
+async def test_declined_method_is_final_and_charges_nothing(
+    outbox: Path, env: ActivityEnvironment, method: str
+) -> None:
+    acts = limited(outbox, decline_methods=frozenset({"declined_card"}))
+    declined = dataclasses.replace(charge_input(), payment_method=method)
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.charge_payment, declined)
+    assert caught.value.type == PAYMENT_DECLINED_ERROR
+    assert caught.value.non_retryable
+    assert caught.value.message == f"Card declined by the gateway (payment method {method!r})"
+    assert acts.charges == {}
+    assert await env.run(acts.charge_payment, charge_input("ORD-1/charge/TXN-2")) == "CAP-TXN-1"
+
+
+@pytest.mark.parametrize(
+    ("limit", "amount", "declined"),
+    [
+        ("999.99", Money("USD", 999, 990_000_000), False),  # at the limit: accepted
+        ("999.99", Money("USD", 999, 990_000_001), True),  # one nano above
+        ("999.9899999999", Money("USD", 999, 990_000_000), True),  # finer than nanos
+        ("1000", Money("JPY", 1000), False),
+        ("0", Money("USD", 0, 1), True),
+    ],
+)
+async def test_decline_over_compares_exactly(
+    outbox: Path, env: ActivityEnvironment, limit: str, amount: Money, declined: bool
+) -> None:
+    acts = limited(outbox, decline_over=Decimal(limit))
+    if not declined:
+        await env.run(acts.charge_payment, charge_input(amount=amount))
+        return
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(acts.charge_payment, charge_input(amount=amount))
+    assert caught.value.type == PAYMENT_DECLINED_ERROR
+    assert caught.value.message == (
+        f"Charge of {amount} declined by the gateway: above the limit of {limit}"
+    )
+    assert acts.charges == {}
+
+
+# --- Simulated outages --------------------------------------------------------------------
+
+
+def attempt(env: ActivityEnvironment, n: int) -> ActivityEnvironment:
+    retry = ActivityEnvironment()
+    retry.info = dataclasses.replace(env.info, attempt=n)
+    return retry
+
+
+def every_activity(acts: OrderActivities) -> dict[str, Callable[[ActivityEnvironment], Any]]:
+    """Each activity, called with inputs that succeed: name → (environment → awaitable)."""
+    refund = RefundPaymentInput("ORD-1", "TXN-1", LAPTOP, "ORD-1/refund/TXN-1")
+    return {
+        "reserve_inventory": lambda e: e.run(
+            acts.reserve_inventory, ReserveInventoryInput("ORD-1", ITEMS)
+        ),
+        "release_inventory": lambda e: e.run(
+            acts.release_inventory, ReleaseInventoryInput("ORD-1", "RSV-ORD-1")
+        ),
+        "charge_payment": lambda e: e.run(acts.charge_payment, charge_input()),
+        "refund_payment": lambda e: e.run(acts.refund_payment, refund),
+        "prepare_shipment": lambda e: e.run(
+            acts.prepare_shipment, PrepareShipmentInput("ORD-1", ITEMS)
+        ),
+        "ship_order": lambda e: e.run(acts.ship_order, ShipOrderInput("ORD-1", "PKG-1", ADDRESS)),
+        "deliver_order": lambda e: e.run(acts.deliver_order, DeliverOrderInput("ORD-1", "T-1")),
+        "send_notification": lambda e: e.run(
+            acts.send_notification, notification(NotificationKind.ORDER_RECEIVED)
+        ),
+    }
+
+
+def test_the_configurable_activity_names_are_the_registered_ones(acts: OrderActivities) -> None:
+    registered = set()
+    for fn in acts.all():
+        defn = activity._Definition.from_callable(fn)
+        assert defn is not None
+        registered.add(defn.name)
+    assert registered == ALL_ACTIVITIES == set(every_activity(acts))
+    assert registered == FORWARD_ACTIVITIES | COMPENSATION_ACTIVITIES | {"send_notification"}
+
+
+async def test_first_attempts_fail_without_effect_then_succeed(
+    outbox: Path, env: ActivityEnvironment
+) -> None:
+    acts = limited(
+        outbox, stock={"PROD-123": 1}, fail_first_attempts=2, fail_activities=ALL_ACTIVITIES
+    )
+    calls = every_activity(acts)
+    for name, call in calls.items():
+        for n in (1, 2):
+            with pytest.raises(ApplicationError) as caught:
+                await call(attempt(env, n))
+            assert caught.value.type == "ProviderUnavailable"
+            assert not caught.value.non_retryable  # retried, each failure one more attempt
+            assert f"attempt {n}, the first 2 attempt(s) fail" in caught.value.message
+        # Nothing happened yet: a failed attempt never reaches the provider.
+        if name == "reserve_inventory":
+            assert acts.reservations == {}
+            assert acts.stock_level("PROD-123") == 1
+        if name == "charge_payment":
+            assert acts.charges == {}
+        await call(attempt(env, 3))
+        await call(attempt(env, 4))  # a retry of a success changes nothing
+    assert acts.charge_count("ORD-1/charge/TXN-1") == 1
+    assert acts.refund_count("ORD-1/refund/TXN-1") == 1
+    assert acts.stock_level("PROD-123") == 1  # taken once, given back once
+    assert len(emails_in(outbox)) == 1
+
+
+async def test_outages_hit_the_forward_steps_by_default(
+    outbox: Path, env: ActivityEnvironment
+) -> None:
+    acts = limited(outbox, fail_first_attempts=1)
+    for name, call in every_activity(acts).items():
+        if name in FORWARD_ACTIVITIES:
+            with pytest.raises(ApplicationError, match="unavailable"):
+                await call(env)
+        else:
+            await call(env)
+
+
+async def test_failure_rate_fails_that_share_of_attempts(
+    outbox: Path, env: ActivityEnvironment
+) -> None:
+    never = limited(outbox, failure_rate=0.0)
+    always = limited(outbox, failure_rate=1.0)
+    await every_activity(never)["ship_order"](attempt(env, 1))
+    for n in (1, 2, 50):
+        with pytest.raises(ApplicationError, match=r"100% of attempts fail"):
+            await every_activity(always)["ship_order"](attempt(env, n))
+
+    config = dataclasses.replace(SimulationConfig.instant(outbox), failure_rate=0.3)
+    acts = OrderActivities(config, rng=random.Random(7))
+    failed = 0
+    for n in range(1, 201):
+        try:
+            await attempt(env, n).run(acts.prepare_shipment, PrepareShipmentInput(f"O-{n}", ITEMS))
+        except ApplicationError:
+            failed += 1
+    assert 40 <= failed <= 80
+
+
+# --- Failure and email settings ------------------------------------------------------------
+
+
+def test_failure_settings_from_env() -> None:
+    config = SimulationConfig.from_env(
+        {
+            "ORDER_SIM_STOCK": " PROD-123=5, PROD-9=0 ,*=100",
+            "ORDER_SIM_DECLINE_METHODS": "declined_card, Expired_Card",
+            "ORDER_SIM_DECLINE_OVER": "999.99",
+            "ORDER_SIM_FAILURE_RATE": "0.25",
+            "ORDER_SIM_FAIL_FIRST_ATTEMPTS": "2",
+            "ORDER_SIM_FAIL_ACTIVITIES": "charge_payment,refund_payment",
+        }
+    )
+    assert config.stock == {"PROD-123": 5, "PROD-9": 0}
+    assert config.default_stock == 100
+    assert config.decline_methods == {"declined_card", "expired_card"}
+    assert config.decline_over == Decimal("999.99")
+    assert config.failure_rate == 0.25
+    assert config.fail_first_attempts == 2
+    assert config.fail_activities == {"charge_payment", "refund_payment"}
+    assert config.describe_failures() == (
+        "stock PROD-123=5, PROD-9=0, *=100; declining declined_card, expired_card; "
+        "declining charges over 999.99; failing first 2 attempt(s) and 25% of attempts "
+        "of charge_payment, refund_payment"
+    )
+    assert SimulationConfig.from_env({"ORDER_SIM_FAIL_ACTIVITIES": "ALL"}).fail_activities == (
+        ALL_ACTIVITIES
+    )
+
+
+def test_no_failures_by_default() -> None:
+    config = SimulationConfig.from_env({})
+    assert config.stock == {}
+    assert config.default_stock is None
+    assert config.decline_methods == frozenset()
+    assert config.decline_over is None
+    assert (config.failure_rate, config.fail_first_attempts) == (0.0, 0)
+    assert config.fail_activities == FORWARD_ACTIVITIES
+    assert not config.simulates_failures
+    assert config.describe_failures() == "none"
+    assert config.email_from == "orders@acme.example"
+    assert config.smtp is None
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("ORDER_SIM_STOCK", "PROD-1"),
+        ("ORDER_SIM_STOCK", "PROD-1=-1"),
+        ("ORDER_SIM_STOCK", "PROD-1=2.5"),
+        ("ORDER_SIM_STOCK", "=3"),
+        ("ORDER_SIM_STOCK", "PROD-1=1,PROD-1=2"),
+        ("ORDER_SIM_DECLINE_OVER", "lots"),
+        ("ORDER_SIM_DECLINE_OVER", "-5"),
+        ("ORDER_SIM_DECLINE_OVER", "Infinity"),
+        ("ORDER_SIM_FAILURE_RATE", "1.5"),
+        ("ORDER_SIM_FAILURE_RATE", "nan"),
+        ("ORDER_SIM_FAIL_FIRST_ATTEMPTS", "-1"),
+        ("ORDER_SIM_FAIL_FIRST_ATTEMPTS", "two"),
+        ("ORDER_SIM_FAIL_ACTIVITIES", "charge_payment,pack"),
+        ("ORDER_EMAIL_FROM", "a@b.example, c@d.example"),
+        ("ORDER_EMAIL_FROM", "orders"),
+    ],
+)
+def test_bad_failure_or_email_setting_names_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ValueError, match=var):
+        SimulationConfig.from_env({var: value})
+
+
+async def test_email_from_is_the_sender(outbox: Path, env: ActivityEnvironment) -> None:
+    config = SimulationConfig.from_env(
+        {"ORDER_EMAIL_FROM": "Acme Shop <shop@acme.example>", "ORDER_OUTBOX_DIR": str(outbox)}
+    )
+    acts = OrderActivities(config)
+    await env.run(acts.send_notification, notification(NotificationKind.ORDER_RECEIVED))
+    message = read_email(outbox / "ORD-1" / "order_received.eml")
+    assert message["From"] == "Acme Shop <shop@acme.example>"
+
+
+def test_smtp_settings_from_env(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    smtp = SimulationConfig.from_env(
+        {
+            "ORDER_SMTP_HOST": "mail.example",
+            "ORDER_SMTP_PORT": "2525",
+            "ORDER_SMTP_TLS": "TLS",
+            "ORDER_SMTP_USERNAME": "acme",
+            "ORDER_SMTP_PASSWORD": " pass word ",
+            "ORDER_SMTP_TIMEOUT": "2.5",
+            "ORDER_SMTP_CA_FILE": str(ca),
+        }
+    ).smtp
+    assert smtp == SmtpConfig(
+        "mail.example", 2525, SmtpSecurity.TLS, "acme", " pass word ", 2.5, ca
+    )
+    # Never the password, wherever the settings are shown.
+    assert "pass word" not in repr(smtp)
+    assert "pass word" not in smtp.describe()
+
+
+@pytest.mark.parametrize(
+    ("env", "security", "port"),
+    [
+        ({}, SmtpSecurity.NONE, 25),
+        ({"ORDER_SMTP_TLS": "starttls"}, SmtpSecurity.STARTTLS, 587),
+        ({"ORDER_SMTP_TLS": "tls"}, SmtpSecurity.TLS, 465),
+        ({"ORDER_SMTP_TLS": "none", "ORDER_SMTP_PORT": "1025"}, SmtpSecurity.NONE, 1025),
+        # Credentials: STARTTLS unless told otherwise.
+        ({"ORDER_SMTP_USERNAME": "u", "ORDER_SMTP_PASSWORD": "p"}, SmtpSecurity.STARTTLS, 587),
+    ],
+)
+def test_smtp_defaults(env: dict[str, str], security: SmtpSecurity, port: int) -> None:
+    smtp = SimulationConfig.from_env({"ORDER_SMTP_HOST": "mail.example", **env}).smtp
+    assert smtp is not None
+    assert (smtp.security, smtp.effective_port, smtp.timeout) == (security, port, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("env", "var"),
+    [
+        ({"ORDER_SMTP_PORT": "587"}, "ORDER_SMTP_HOST"),
+        ({"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_PORT": "0"}, "ORDER_SMTP_PORT"),
+        ({"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_PORT": "smtp"}, "ORDER_SMTP_PORT"),
+        ({"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_TLS": "ssl"}, "ORDER_SMTP_TLS"),
+        ({"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_TIMEOUT": "0"}, "ORDER_SMTP_TIMEOUT"),
+        ({"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_USERNAME": "u"}, "ORDER_SMTP_PASSWORD"),
+        ({"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_CA_FILE": "/no/such"}, "CA_FILE"),
+        ({"ORDER_SMTP_HOST": "mail example"}, "ORDER_SMTP_HOST"),
+    ],
+)
+def test_bad_smtp_setting_names_the_variable(env: dict[str, str], var: str) -> None:
+    with pytest.raises(ValueError, match=var):
+        SimulationConfig.from_env(env)

@@ -79,6 +79,8 @@ def test_environment_then_flags() -> None:
     ("argv", "environ"),
     [
         ([], {"ORDER_SIM_PAYMENT_SECONDS": "fast"}),
+        ([], {"ORDER_SIM_STOCK": "PROD-1=many"}),
+        ([], {"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_TLS": "ssl"}),
         (["--task-queue", ""], {}),
         (["--no-such-flag"], {}),
     ],
@@ -87,6 +89,25 @@ def test_bad_settings_exit_with_usage(argv: list[str], environ: dict[str, str]) 
     with pytest.raises(SystemExit) as caught:
         from_args(argv, environ=environ)
     assert caught.value.code == 2
+
+
+def test_failure_and_email_settings_come_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "ORDER_SIM_STOCK": "PROD-123=5",
+        "ORDER_SIM_DECLINE_METHODS": "declined_card",
+        "ORDER_SIM_FAIL_FIRST_ATTEMPTS": "2",
+        "ORDER_EMAIL_FROM": "shop@acme.example",
+        "ORDER_SMTP_HOST": "mail.example",
+        "ORDER_SMTP_USERNAME": "acme",
+        "ORDER_SMTP_PASSWORD": "secret",
+    }
+    simulation = from_args([], environ=env).simulation
+    assert simulation.stock == {"PROD-123": 5}
+    assert simulation.decline_methods == {"declined_card"}
+    assert simulation.fail_first_attempts == 2
+    assert simulation.email_from == "shop@acme.example"
+    assert simulation.smtp is not None
+    assert (simulation.smtp.host, simulation.smtp.effective_port) == ("mail.example", 587)
 
 
 # --- Connecting -------------------------------------------------------------------
@@ -200,8 +221,10 @@ async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_pat
 # --- python -m worker -------------------------------------------------------------
 
 
-async def start_worker_process(address: str, outbox: Path) -> asyncio.subprocess.Process:
-    env = {**os.environ, "ORDER_OUTBOX_DIR": str(outbox), "PYTHONUNBUFFERED": "1"}
+async def start_worker_process(
+    address: str, outbox: Path, **settings: str
+) -> asyncio.subprocess.Process:
+    env = {**os.environ, "ORDER_OUTBOX_DIR": str(outbox), "PYTHONUNBUFFERED": "1", **settings}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -254,6 +277,34 @@ async def test_worker_process_stops_cleanly_on_signal(
     assert "Worker stopped" in rest
     # Timestamped lines on stderr.
     assert log.splitlines()[-1][:4].isdigit()
+    assert f"Emails go to the outbox folder {tmp_path / 'outbox'}" in log
+
+
+async def test_worker_process_logs_its_mailer_and_simulated_failures(
+    temporal_address: str, tmp_path: Path
+) -> None:
+    process = await start_worker_process(
+        temporal_address,
+        tmp_path / "outbox",
+        ORDER_SMTP_HOST="127.0.0.1",
+        ORDER_SMTP_PORT="2525",
+        ORDER_SMTP_USERNAME="acme",
+        ORDER_SMTP_PASSWORD="hunter2-secret",
+        ORDER_SIM_DECLINE_METHODS="declined_card",
+    )
+    try:
+        async with asyncio.timeout(30):
+            log = await read_until(process, "Worker polling")
+        async with asyncio.timeout(15):
+            code, rest = await stop_process(process, signal.SIGTERM)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0, log + rest
+    assert "Emails go to the SMTP server acme@127.0.0.1:2525 (TLS: starttls" in log
+    assert "Simulated failures: declining declined_card" in log
+    assert "hunter2" not in log + rest
 
 
 async def test_worker_process_stops_while_waiting_for_temporal(tmp_path: Path) -> None:

@@ -110,11 +110,10 @@ async def run_worker(
         worker = build_worker(client, config.task_queue, OrderActivities(config.simulation))
         running = asyncio.create_task(worker.run())
         logger.info(
-            "Worker polling task queue %r in namespace %r at %s (outbox %s)",
+            "Worker polling task queue %r in namespace %r at %s",
             config.task_queue,
             config.namespace,
             config.temporal_address,
-            config.simulation.outbox_dir,
         )
         stopping = asyncio.create_task(stop.wait())
         try:

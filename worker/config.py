@@ -26,8 +26,9 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> 
     """Parses `argv` (without the program name); exits with a usage message if it is invalid.
 
     Flags win over TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE and ORDER_TASK_QUEUE;
-    the simulated durations and the outbox come from the environment only
-    (ORDER_SIM_*_SECONDS, ORDER_OUTBOX_DIR).
+    the simulated providers and the email settings come from the environment
+    only (ORDER_SIM_*, ORDER_OUTBOX_DIR, ORDER_EMAIL_FROM, ORDER_SMTP_*: see
+    activities/config.py), and an invalid one exits with a usage message too.
     """
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(

@@ -1,0 +1,572 @@
+"""Emails over SMTP: a real aiosmtpd server on loopback receives what the orders send.
+
+The mailer is tested on its own first (plain, STARTTLS with AUTH, implicit
+TLS, and each way a server can fail), then end to end: orders driven through
+gRPC, every email of the seed's flows checked at the server, and a mail
+server that refuses or is down never holds an order up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from temporalio.client import WorkflowExecutionDescription
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+
+from acme.orders.v1 import order_service_pb2 as pb
+from activities.config import SimulationConfig, SmtpConfig, SmtpSecurity
+from activities.email import TITLES, render_notification
+from activities.mailer import MailDeliveryError, SmtpMailer, mailer_for
+from activities.order_activities import OrderActivities
+from tests.conftest import (
+    LAPTOP_PRICE,
+    Stack,
+    create_request,
+    eventually,
+    open_stack,
+    order_reaching,
+)
+from tests.test_failure_paths import activity_attempts
+from workflows.models import Notification, NotificationKind
+from workflows.money import Money
+
+S = pb.OrderStatus
+SENDER = "Acme Orders <orders@shop.example>"
+REJECTED_DOMAIN = "rejected.example"
+USERNAME, PASSWORD = "acme-orders", "s3cret pass"
+
+
+def eml_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.eml")) if folder.exists() else []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- An SMTP server on loopback ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    message: EmailMessage
+    login: str | None  # the AUTH user the client logged in as
+    tls: bool  # whether the session was encrypted
+
+
+class Inbox:
+    """aiosmtpd handler: keeps what it accepts; can refuse a message's first tries.
+
+    Runs in the server's own thread; the lists are only appended to there.
+    """
+
+    def __init__(self, refuse_first: int = 0) -> None:
+        self.received: list[Received] = []
+        self.refuse_first = refuse_first
+        self.tries: Counter[str] = Counter()  # DATA commands per Message-ID
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address.endswith(f"@{REJECTED_DOMAIN}"):
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.content
+        assert isinstance(content, bytes)
+        message = BytesParser(policy=policy.default).parsebytes(content)
+        assert isinstance(message, EmailMessage)
+        message_id = str(message["Message-ID"])
+        with self.lock:
+            self.tries[message_id] += 1
+            if self.tries[message_id] <= self.refuse_first:
+                return "451 4.3.0 Mailbox busy, try again later"
+            login = getattr(session.auth_data, "login", None)
+            self.received.append(
+                Received(
+                    mail_from=str(envelope.mail_from),
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    message=message,
+                    login=login.decode() if isinstance(login, bytes) else None,
+                    tls=encrypted(server, session),
+                )
+            )
+        return "250 2.0.0 Accepted"
+
+    def for_order(self, order_id: str) -> dict[str, Received]:
+        """Kind of notification → what arrived, for one order."""
+        with self.lock:
+            return {
+                str(r.message["X-Notification-Kind"]): r
+                for r in self.received
+                if r.message["X-Order-Id"] == order_id
+            }
+
+
+def encrypted(server: SMTP, session: Session) -> bool:
+    """Upgraded by STARTTLS (aiosmtpd notes that in the session), or TLS from the start."""
+    transport = server.transport
+    implicit = transport is not None and transport.get_extra_info("ssl_object") is not None
+    return session.ssl is not None or implicit
+
+
+def authenticate(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
+    ok = isinstance(auth_data, LoginPassword) and auth_data == (
+        USERNAME.encode(),
+        PASSWORD.encode(),
+    )
+    # handled=False: aiosmtpd then answers 535 itself (its default, True, answers nothing).
+    return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+
+@asynccontextmanager
+async def smtp_server(inbox: Inbox, port: int, **kwargs: Any) -> AsyncIterator[Controller]:
+    """An aiosmtpd server on 127.0.0.1:`port`, in its own thread, until the block ends."""
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
+    await asyncio.to_thread(controller.start)
+    try:
+        yield controller
+    finally:
+        await asyncio.to_thread(controller.stop)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A self-signed certificate for 127.0.0.1 and localhost, made by the openssl CLI.
+
+    The CLI rather than the `cryptography` package, which the project does not
+    otherwise need; the tests that need it are skipped where there is none.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return Certificate(cert, key)
+
+
+# --- The mailer on its own ----------------------------------------------------------------
+
+
+def note(kind: NotificationKind = NotificationKind.ORDER_RECEIVED, **changes: Any) -> Notification:
+    base = Notification(
+        kind=kind,
+        order_id="ORD-SMTP-1",
+        customer_id="CUST-001",
+        recipient="cust-001@example.com",
+        total_amount=Money("USD", 999, 990_000_000),
+        reason="Customer requested cancellation",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def message_for(notification: Notification) -> EmailMessage:
+    return render_notification(notification, datetime(2025, 1, 31, tzinfo=UTC), sender=SENDER)
+
+
+async def test_plain_smtp_delivers_the_rendered_message() -> None:
+    inbox, port = Inbox(), free_port()
+    async with smtp_server(inbox, port):
+        mailer = SmtpMailer(SmtpConfig("127.0.0.1", port))
+        sent = message_for(note())
+        await mailer.send(sent, note())
+    [got] = inbox.received
+    assert got.mail_from == "orders@shop.example"
+    assert got.rcpt_tos == ["cust-001@example.com"]
+    assert got.message["From"] == SENDER
+    assert got.message["Message-ID"] == sent["Message-ID"]
+    assert got.message["Subject"] == "Order Received: ORD-SMTP-1"
+    assert (got.login, got.tls) == (None, False)
+
+
+async def test_starttls_with_auth(certificate: Certificate) -> None:
+    inbox, port = Inbox(), free_port()
+    server = smtp_server(
+        inbox,
+        port,
+        tls_context=certificate.server_context(),
+        require_starttls=True,
+        authenticator=authenticate,
+        auth_require_tls=True,
+    )
+    config = SmtpConfig(
+        "127.0.0.1",
+        port,
+        SmtpSecurity.STARTTLS,
+        username=USERNAME,
+        password=PASSWORD,
+        ca_file=certificate.cert,
+    )
+    async with server:
+        await SmtpMailer(config).send(message_for(note()), note())
+        wrong = SmtpMailer(dataclasses.replace(config, password="wrong"))
+        with pytest.raises(MailDeliveryError) as caught:
+            await wrong.send(message_for(note()), note())
+        # Fixed by correcting the worker's settings, then sent by a later attempt.
+        assert not caught.value.permanent
+        assert "535" in str(caught.value)
+        assert "wrong" not in str(caught.value)
+    [got] = inbox.received
+    assert (got.login, got.tls) == (USERNAME, True)
+
+
+async def test_implicit_tls(certificate: Certificate) -> None:
+    inbox, port = Inbox(), free_port()
+    async with smtp_server(inbox, port, ssl_context=certificate.server_context()):
+        config = SmtpConfig("127.0.0.1", port, SmtpSecurity.TLS, ca_file=certificate.cert)
+        await SmtpMailer(config).send(message_for(note()), note())
+        # An untrusted certificate is an error to retry, never a reason to send in clear.
+        untrusted = SmtpMailer(dataclasses.replace(config, ca_file=None))
+        with pytest.raises(MailDeliveryError) as caught:
+            await untrusted.send(message_for(note()), note())
+        assert not caught.value.permanent
+        assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+    [got] = inbox.received
+    assert got.tls
+
+
+async def test_server_down_is_a_transient_failure() -> None:
+    mailer = SmtpMailer(SmtpConfig("127.0.0.1", free_port(), timeout=2))
+    with pytest.raises(MailDeliveryError) as caught:
+        await mailer.send(message_for(note()), note())
+    assert not caught.value.permanent
+    assert "unreachable" in str(caught.value)
+
+
+async def test_silent_server_times_out() -> None:
+    """A server that accepts the connection but never answers: ORDER_SMTP_TIMEOUT bounds it."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mailer = SmtpMailer(SmtpConfig("127.0.0.1", port, timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(MailDeliveryError) as caught:
+            await mailer.send(message_for(note()), note())
+        assert time.monotonic() - started < 3
+        assert not caught.value.permanent
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_refusals_are_retryable_rejections_are_final(tmp_path: Path) -> None:
+    inbox, port = Inbox(refuse_first=1), free_port()
+    config = dataclasses.replace(
+        SimulationConfig.instant(tmp_path), smtp=SmtpConfig("127.0.0.1", port), email_from=SENDER
+    )
+    acts = OrderActivities(config)
+    assert isinstance(acts.mailer, SmtpMailer)
+    env = ActivityEnvironment()
+    async with smtp_server(inbox, port):
+        # 451: a temporary refusal, retried.
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(acts.send_notification, note())
+        assert caught.value.type == "MailServerUnavailable"
+        assert not caught.value.non_retryable
+        assert "451" in caught.value.message
+        await env.run(acts.send_notification, note())
+        # 550 for the recipient: no retry will change that.
+        rejected = note(order_id="ORD-SMTP-2", recipient=f"nobody@{REJECTED_DOMAIN}")
+        with pytest.raises(ApplicationError) as caught:
+            await env.run(acts.send_notification, rejected)
+        assert caught.value.type == "RecipientRejected"
+        assert caught.value.non_retryable
+        assert "550" in caught.value.message
+    assert [r.rcpt_tos for r in inbox.received] == [["cust-001@example.com"]]
+    # Nothing goes to the outbox when SMTP is configured.
+    assert eml_files(tmp_path) == []
+
+
+def test_mailer_follows_the_configuration(tmp_path: Path) -> None:
+    outbox = SimulationConfig.instant(tmp_path)
+    assert not isinstance(mailer_for(outbox), SmtpMailer)
+    smtp = dataclasses.replace(outbox, smtp=SmtpConfig("mail.example", username="u", password="p"))
+    mailer = mailer_for(smtp)
+    assert isinstance(mailer, SmtpMailer)
+    # What the worker logs at startup: where, never the password.
+    assert str(mailer) == "SMTP server u@mail.example:25 (TLS: none, timeout 10 s)"
+
+
+# --- End to end through gRPC -------------------------------------------------------------
+
+
+@asynccontextmanager
+async def smtp_stack(
+    temporal: WorkflowEnvironment, tmp_path: Path, port: int, **smtp: Any
+) -> AsyncIterator[Stack]:
+    """A stack whose activities send every email to the SMTP server on `port`."""
+    outbox = tmp_path / "outbox"
+    simulation = dataclasses.replace(
+        SimulationConfig.instant(outbox),
+        email_from=SENDER,
+        smtp=SmtpConfig("127.0.0.1", port, timeout=5, **smtp),
+    )
+    async with open_stack(temporal.client, outbox, simulation=simulation) as stack:
+        yield stack
+    # SMTP replaces the outbox; nothing may be written there.
+    assert eml_files(outbox) == []
+
+
+def pay_request(order_id: str) -> pb.ConfirmPaymentRequest:
+    return pb.ConfirmPaymentRequest(
+        order_id=order_id,
+        transaction_id="TXN-SMTP-1",
+        amount=LAPTOP_PRICE,
+        payment_method="credit_card",
+    )
+
+
+def body_of(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert isinstance(part, EmailMessage)
+    return str(part.get_content())
+
+
+def check_email(
+    received: Received, kind: NotificationKind, order_id: str, email: str, *mentions: str
+) -> None:
+    """The envelope and headers reach `email`, with the kind's subject and a body naming
+    the order, its total and whatever else `mentions` lists."""
+    assert received.rcpt_tos == [email]
+    assert received.mail_from == "orders@shop.example"
+    message = received.message
+    assert message["To"] == email
+    assert message["From"] == SENDER
+    assert message["Subject"] == f"{TITLES[kind]}: {order_id}"
+    body = body_of(message)
+    for text in (order_id, "USD 999.99", *mentions):
+        assert text in body, f"{text!r} not in the {kind.value} email:\n{body}"
+
+
+async def test_paid_order_emails_every_step(temporal: WorkflowEnvironment, tmp_path: Path) -> None:
+    inbox, port = Inbox(), free_port()
+    email = "jane.doe@example.com"
+    async with smtp_server(inbox, port), smtp_stack(temporal, tmp_path, port) as stack:
+        created = await stack.stub.CreateOrder(create_request(customer_email=email))
+        order_id = created.order_id
+        await stack.stub.ConfirmPayment(pay_request(order_id))
+        order = await order_reaching(stack, order_id, S.ORDER_STATUS_DELIVERED)
+        await stack.client.get_workflow_handle(created.workflow_id).result()
+
+    tracking = order.shipment_info.tracking_number
+    assert tracking
+    got = inbox.for_order(order_id)
+    assert set(got) == {"order_received", "payment_confirmed", "order_shipped", "order_delivered"}
+    K = NotificationKind
+    check_email(got["order_received"], K.ORDER_RECEIVED, order_id, email)
+    check_email(got["payment_confirmed"], K.PAYMENT_CONFIRMED, order_id, email)
+    check_email(got["order_shipped"], K.ORDER_SHIPPED, order_id, email, tracking)
+    check_email(got["order_delivered"], K.ORDER_DELIVERED, order_id, email, tracking)
+    # The shipped email tells when to expect the parcel.
+    eta = order.estimated_delivery.ToDatetime().strftime("%d %B %Y")
+    assert eta in body_of(got["order_shipped"].message)
+    assert len(inbox.received) == 4
+
+
+async def test_cancelled_order_emails_the_reason(
+    temporal: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    inbox, port = Inbox(), free_port()
+    email = "cust-001@example.com"
+    async with smtp_server(inbox, port), smtp_stack(temporal, tmp_path, port) as stack:
+        created = await stack.stub.CreateOrder(create_request(customer_email=email))
+        order_id = created.order_id
+        await stack.stub.CancelOrder(
+            pb.CancelOrderRequest(order_id=order_id, reason="Found it cheaper elsewhere")
+        )
+        await order_reaching(stack, order_id, S.ORDER_STATUS_CANCELLED)
+        await stack.client.get_workflow_handle(created.workflow_id).result()
+
+    got = inbox.for_order(order_id)
+    assert set(got) == {"order_received", "order_cancelled"}
+    check_email(got["order_received"], NotificationKind.ORDER_RECEIVED, order_id, email)
+    check_email(
+        got["order_cancelled"],
+        NotificationKind.ORDER_CANCELLED,
+        order_id,
+        email,
+        "Reason: Found it cheaper elsewhere",
+    )
+
+
+def failed_emails(description: WorkflowExecutionDescription) -> list[str]:
+    """The last failure of each send_notification waiting to be retried."""
+    return [
+        pending.last_failure.message
+        for pending in description.raw_description.pending_activities
+        if pending.activity_type.name == "send_notification" and pending.attempt > 1
+    ]
+
+
+async def test_mail_server_down_does_not_hold_up_the_order(
+    temporal: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """No server at first: the order is delivered all the same; the emails follow once it is up."""
+    inbox, port = Inbox(), free_port()
+    async with smtp_stack(temporal, tmp_path, port) as stack:
+        created = await stack.stub.CreateOrder(create_request())
+        order_id = created.order_id
+        await stack.stub.ConfirmPayment(pay_request(order_id))
+        # Instant providers: delivered within seconds, though no email could be sent.
+        await order_reaching(stack, order_id, S.ORDER_STATUS_DELIVERED, within=5)
+        handle = stack.client.get_workflow_handle(created.workflow_id)
+        # All four emails failed once and wait for their next attempt, as the UI shows.
+        pending = await eventually(
+            handle.describe,
+            lambda d: len(failed_emails(d)) == 4,
+            within=10,
+        )
+        assert all("unreachable" in failure for failure in failed_emails(pending))
+        assert inbox.received == []
+
+        async with smtp_server(inbox, port):
+            await eventually(
+                lambda: asyncio.sleep(0, inbox.for_order(order_id)),
+                lambda got: len(got) == 4,
+                within=15,
+            )
+            await handle.result()
+    # Each email was retried until the server came up, and arrived once.
+    assert len(inbox.received) == 4
+    assert min(activity_attempts(await handle.fetch_history())["send_notification"]) > 1
+
+
+async def test_temporary_refusal_is_retried_and_delivered_once(
+    temporal: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """451 to each message's first try: every email arrives on its second, exactly once."""
+    inbox, port = Inbox(refuse_first=1), free_port()
+    async with smtp_server(inbox, port), smtp_stack(temporal, tmp_path, port) as stack:
+        created = await stack.stub.CreateOrder(create_request())
+        await stack.stub.ConfirmPayment(pay_request(created.order_id))
+        await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED, within=5)
+        handle = stack.client.get_workflow_handle(created.workflow_id)
+        await handle.result()
+    assert len(inbox.for_order(created.order_id)) == len(inbox.received) == 4
+    assert set(inbox.tries.values()) == {2}
+    assert activity_attempts(await handle.fetch_history())["send_notification"] == [2, 2, 2, 2]
+
+
+async def test_rejected_recipient_does_not_fail_the_order(
+    temporal: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    inbox, port = Inbox(), free_port()
+    async with smtp_server(inbox, port), smtp_stack(temporal, tmp_path, port) as stack:
+        created = await stack.stub.CreateOrder(
+            create_request(customer_email=f"nobody@{REJECTED_DOMAIN}")
+        )
+        await stack.stub.ConfirmPayment(pay_request(created.order_id))
+        await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED)
+        handle = stack.client.get_workflow_handle(created.workflow_id)
+        await handle.result()  # completes: a rejected email is logged, not fatal
+    assert inbox.received == []
+    # Rejected for good at the first attempt: not retried for a day.
+    assert activity_attempts(await handle.fetch_history())["send_notification"] == [1, 1, 1, 1]
+
+
+async def test_order_emails_over_starttls_with_auth(
+    temporal: WorkflowEnvironment, tmp_path: Path, certificate: Certificate
+) -> None:
+    inbox, port = Inbox(), free_port()
+    server = smtp_server(
+        inbox,
+        port,
+        tls_context=certificate.server_context(),
+        require_starttls=True,
+        authenticator=authenticate,
+    )
+    stack_context = smtp_stack(
+        temporal,
+        tmp_path,
+        port,
+        security=SmtpSecurity.STARTTLS,
+        username=USERNAME,
+        password=PASSWORD,
+        ca_file=certificate.cert,
+    )
+    async with server, stack_context as stack:
+        created = await stack.stub.CreateOrder(create_request())
+        await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))
+        await stack.client.get_workflow_handle(created.workflow_id).result()
+    got = inbox.for_order(created.order_id)
+    assert set(got) == {"order_received", "order_cancelled"}
+    assert all((r.login, r.tls) == (USERNAME, True) for r in got.values())
