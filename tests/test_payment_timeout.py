@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -102,3 +103,26 @@ async def test_payment_within_24_hours_completes(
     assert state.status == OrderStatus.DELIVERED
     assert state.payment_info is not None
     assert state.payment_info.transaction_id == "TXN-LATE"
+
+
+async def test_gateway_without_verdict_for_an_hour_cancels_and_refunds(
+    skipping: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """A charge that keeps failing may have gone through: the order refunds it to be sure."""
+    task_queue = f"ts-{uuid.uuid4().hex[:8]}"
+    simulation = replace(
+        SimulationConfig.instant(str(tmp_path)),
+        failure_rate=1.0,
+        fail_activities=frozenset({"charge_payment"}),
+    )
+    activities = OrderActivities(simulation)
+    async with build_worker(skipping.client, task_queue, activities):
+        handle = await start_order(skipping, task_queue)
+        await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-LIMBO", PRICE, "card"))
+        state = await handle.result()  # the hour of retries is skipped
+    assert state.status == OrderStatus.CANCELLED
+    assert state.cancellation_reason is not None
+    assert state.cancellation_reason.startswith("Payment failed: ")
+    assert state.refund_info is not None
+    assert state.refund_info.transaction_id == "TXN-LIMBO"
+    assert state.inventory_info.released

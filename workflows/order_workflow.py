@@ -81,9 +81,10 @@ PAYMENT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
-    maximum_attempts=10,
     non_retryable_error_types=[PAYMENT_DECLINED_ERROR, "IdempotencyKeyReused"],
 )
+# How long a payment may keep failing with no verdict from the gateway.
+PAYMENT_GIVE_UP = timedelta(hours=1)
 # Compensation and emails must eventually happen: retried until they succeed.
 FOREVER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -195,8 +196,10 @@ class OrderWorkflow:
             if not self._handed_to_carrier:
                 self._cancel = self._cancel or CancelRequest("Order workflow was cancelled")
                 await self._compensate()
+            await self._await_emails()
             raise
-        await self._finish()
+        await self._await_emails()
+        await workflow.wait_condition(workflow.all_handlers_finished)
         return self._state
 
     async def _process(self, order: OrderInput) -> None:
@@ -304,10 +307,20 @@ class OrderWorkflow:
                     idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
                 ),
                 start_to_close_timeout=STEP_TIMEOUT,
+                schedule_to_close_timeout=PAYMENT_GIVE_UP,
                 retry_policy=PAYMENT_RETRY,
             )
         except ActivityError as err:
             cause = _failure_message(err)
+            declined = (
+                isinstance(err.cause, ApplicationError) and err.cause.type == PAYMENT_DECLINED_ERROR
+            )
+            if not declined:
+                # No verdict: an attempt whose reply was lost may have captured
+                # the money, so compensation refunds by the same key to be sure.
+                self._charged = True
+                self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
+                return False
             self._state.payment_info = None
             self._reject_payment(payment, f"Payment failed: {cause}")
             self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
@@ -369,15 +382,14 @@ class OrderWorkflow:
             self._cancellation_emailed = True
             self._notify(NotificationKind.ORDER_CANCELLED)
 
-    async def _finish(self) -> None:
-        """Waits for the emails and any signal handler still running, then returns."""
+    async def _await_emails(self) -> None:
+        """Waits for the emails started so far: the workflow closing would drop them."""
         for email in self._emails:
             try:
                 await email
             except ActivityError as err:
                 # An email that failed for a whole day must not fail the order.
                 workflow.logger.error("Email not sent: %s", err)
-        await workflow.wait_condition(workflow.all_handlers_finished)
 
     # --- Helpers ----------------------------------------------------------------
 
