@@ -19,7 +19,7 @@ SEARCH_ATTRIBUTES = $(shell $(PY) -m workflows.search_attributes)
 export PATH := $(BIN):$(PATH)
 SHELL := /bin/bash
 
-.PHONY: install run temporal worker server proto lint test clean
+.PHONY: install run temporal worker server proto lint test test-faults clean
 
 install: $(STAMP)
 
@@ -80,7 +80,11 @@ lint: install
 
 ## test: the whole suite, against a real Temporal dev server and real gRPC servers it starts itself.
 test: install
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --ignore=tests/faults $(ARGS)
+
+## test-faults: the slower proofs: processes killed for real, load with invariants.
+test-faults: install
+	$(PY) -m pytest tests/faults $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
