@@ -58,6 +58,7 @@ _T = TypeVar("_T")
 
 # The seed promises delivery three days after payment.
 DELIVERY_ESTIMATE = timedelta(days=3)
+WORKFLOW_CANCELLED_REASON = "Order workflow was cancelled"
 # Bounds the state (and so every query answer) when a client floods bad payments.
 MAX_REJECTED_PAYMENTS = 100
 
@@ -137,6 +138,8 @@ class OrderWorkflow:
         self._cancel: CancelRequest | None = None
         # Set once the parcel is handed to the carrier: from then on, no cancel.
         self._handed_to_carrier = False
+        # Set once Temporal asked to cancel the workflow itself, not just the order.
+        self._workflow_cancelled = False
         self._charged = False
         self._cancellation_emailed = False
         self._emails: list[Awaitable[Any]] = []
@@ -193,23 +196,26 @@ class OrderWorkflow:
             # The workflow itself was cancelled (e.g. `temporal workflow cancel`),
             # possibly in the middle of compensating: finish undoing what was
             # done (each step runs once) before letting the cancellation through.
+            self._workflow_cancelled = True
             if not self._handed_to_carrier:
-                self._cancel = self._cancel or CancelRequest("Order workflow was cancelled")
+                self._cancel = self._cancel or CancelRequest(WORKFLOW_CANCELLED_REASON)
                 await self._compensate()
-            await self._await_emails()
-            raise
         await self._await_emails()
+        if self._workflow_cancelled:
+            raise asyncio.CancelledError(WORKFLOW_CANCELLED_REASON)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._state
 
     async def _process(self, order: OrderInput) -> None:
         self._publish_for_listing()
         try:
-            reservation = await workflow.execute_activity_method(
-                OrderActivities.reserve_inventory,
-                ReserveInventoryInput(order.order_id, list(order.items)),
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RESERVE_RETRY,
+            reservation = await self._uninterrupted(
+                workflow.start_activity_method(
+                    OrderActivities.reserve_inventory,
+                    ReserveInventoryInput(order.order_id, list(order.items)),
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    retry_policy=RESERVE_RETRY,
+                )
             )
         except ActivityError as err:
             # Out of stock: nothing was reserved and nothing was charged.
@@ -250,12 +256,16 @@ class OrderWorkflow:
         if package_id is None or self._cancel is not None:
             return await self._compensate()
 
+        # The point of no return: from here a cancel, of the order or of the
+        # workflow, no longer stops the parcel.
         self._handed_to_carrier = True
-        shipment = await workflow.execute_activity_method(
-            OrderActivities.ship_order,
-            ShipOrderInput(order.order_id, package_id, order.shipping),
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=STEP_RETRY,
+        shipment = await self._uninterrupted(
+            workflow.start_activity_method(
+                OrderActivities.ship_order,
+                ShipOrderInput(order.order_id, package_id, order.shipping),
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=STEP_RETRY,
+            )
         )
         now = workflow.now()
         self._state.shipment_info = ShipmentInfo(
@@ -267,16 +277,35 @@ class OrderWorkflow:
         self._set_status(OrderStatus.SHIPPED)
         self._notify(NotificationKind.ORDER_SHIPPED)
 
-        await workflow.execute_activity_method(
-            OrderActivities.deliver_order,
-            DeliverOrderInput(order.order_id, shipment.tracking_number),
-            start_to_close_timeout=DELIVERY_TIMEOUT,
-            heartbeat_timeout=DELIVERY_HEARTBEAT,
-            retry_policy=STEP_RETRY,
+        await self._uninterrupted(
+            workflow.start_activity_method(
+                OrderActivities.deliver_order,
+                DeliverOrderInput(order.order_id, shipment.tracking_number),
+                start_to_close_timeout=DELIVERY_TIMEOUT,
+                heartbeat_timeout=DELIVERY_HEARTBEAT,
+                retry_policy=STEP_RETRY,
+            )
         )
         self._state.delivered_at = workflow.now()
         self._set_status(OrderStatus.DELIVERED)
         self._notify(NotificationKind.ORDER_DELIVERED)
+
+    async def _uninterrupted(self, call: ActivityHandle[_T]) -> _T:
+        """Awaits a call that a workflow cancel must not abandon half-way.
+
+        Abandoning a reservation or a charge could leave stock held or money
+        taken with nobody to undo it, and a parcel handed to the carrier ships
+        whatever happens. So a cancel of the workflow itself lets the call
+        finish (shielded) and becomes a cancel of the order where that is still
+        possible; run() re-raises it once the order is settled.
+        """
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._workflow_cancelled = True
+            if not self._handed_to_carrier:
+                self._cancel = self._cancel or CancelRequest(WORKFLOW_CANCELLED_REASON)
+            return await call
 
     async def _unless_cancelled(self, step: ActivityHandle[_T]) -> _T | None:
         """The step's result, or None if the order is cancelled first.
@@ -297,18 +326,20 @@ class OrderWorkflow:
         payment = self._state.payment_info
         assert payment is not None
         try:
-            await workflow.execute_activity_method(
-                OrderActivities.charge_payment,
-                ChargePaymentInput(
-                    order_id=self._order.order_id,
-                    transaction_id=payment.transaction_id,
-                    amount=payment.amount,
-                    payment_method=payment.payment_method,
-                    idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
-                ),
-                start_to_close_timeout=STEP_TIMEOUT,
-                schedule_to_close_timeout=PAYMENT_GIVE_UP,
-                retry_policy=PAYMENT_RETRY,
+            await self._uninterrupted(
+                workflow.start_activity_method(
+                    OrderActivities.charge_payment,
+                    ChargePaymentInput(
+                        order_id=self._order.order_id,
+                        transaction_id=payment.transaction_id,
+                        amount=payment.amount,
+                        payment_method=payment.payment_method,
+                        idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
+                    ),
+                    start_to_close_timeout=STEP_TIMEOUT,
+                    schedule_to_close_timeout=PAYMENT_GIVE_UP,
+                    retry_policy=PAYMENT_RETRY,
+                )
             )
         except ActivityError as err:
             cause = _failure_message(err)

