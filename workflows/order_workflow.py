@@ -319,6 +319,9 @@ class OrderWorkflow:
             cancelled.cancel()
             return step.result()
         step.cancel()
+        # Nobody awaits the abandoned step; read its outcome so asyncio does not
+        # log "exception was never retrieved" for it.
+        step.add_done_callback(lambda done: done.cancelled() or done.exception())
         return None
 
     async def _charge(self) -> bool:
