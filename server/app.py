@@ -20,6 +20,7 @@ from server.config import ServerConfig, format_duration
 from server.health import TemporalHealthProber, new_health_servicer
 from server.reflection import enable_reflection
 from server.servicer import SERVICE_NAME, OrderServiceServicer
+from server.watch import OrderWatchers
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,17 @@ class OrderServer:
     client: Client
     grpc_server: grpc.aio.Server
     prober: TemporalHealthProber
+    # WatchOrder's shared watches: one per watched order.
+    watchers: OrderWatchers
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Reports NOT_SERVING, refuses new RPCs, lets running ones finish for `grace` seconds."""
+        """Reports NOT_SERVING, refuses new RPCs, lets running ones finish for `grace` seconds.
+
+        WatchOrder streams would outlive any grace: they end first, with
+        UNAVAILABLE, so their clients know to watch again elsewhere.
+        """
         await self.prober.stop()
+        await self.watchers.stop()
         await self.grpc_server.stop(grace)
 
     async def wait_for_termination(self) -> None:
@@ -64,7 +72,10 @@ async def start_server(config: ServerConfig, client: Client | None = None) -> Or
     # Without SO_REUSEPORT a second server on the same port fails to start
     # instead of silently sharing the port (and its traffic) with the first.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_OrderServiceServicer_to_server(OrderServiceServicer(client, config), server)
+    watchers = OrderWatchers(client, query_timeout=config.temporal_rpc_timeout)
+    pb_grpc.add_OrderServiceServicer_to_server(
+        OrderServiceServicer(client, config, watchers=watchers), server
+    )
     health = new_health_servicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(
@@ -88,7 +99,14 @@ async def start_server(config: ServerConfig, client: Client | None = None) -> Or
     except BaseException:
         await prober.stop()
         raise
-    return OrderServer(config=config, port=port, client=client, grpc_server=server, prober=prober)
+    return OrderServer(
+        config=config,
+        port=port,
+        client=client,
+        grpc_server=server,
+        prober=prober,
+        watchers=watchers,
+    )
 
 
 async def serve(config: ServerConfig) -> None:

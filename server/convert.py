@@ -135,3 +135,23 @@ def order_to_proto(state: models.OrderState) -> pb.Order:
     if state.delivered_at is not None:
         order.delivered_at.CopyFrom(timestamp_from_datetime(state.delivered_at))
     return order
+
+
+def order_summary_to_proto(
+    *,
+    order_id: str,
+    workflow_id: str,
+    customer_id: str,
+    status: models.OrderStatus,
+    total_amount: Money,
+    created_at: datetime,
+) -> pb.OrderSummary:
+    """An order as ListOrders lists it: what visibility knows of it."""
+    return pb.OrderSummary(
+        order_id=order_id,
+        workflow_id=workflow_id,
+        customer_id=customer_id,
+        status=status_to_proto(status),
+        total_amount=money_to_proto(total_amount),
+        created_at=timestamp_from_datetime(created_at),
+    )

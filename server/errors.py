@@ -203,6 +203,22 @@ class TemporalUnavailable(ServiceError):
         return [info]
 
 
+class ServerShuttingDown(ServiceError):
+    """UNAVAILABLE: this server is stopping; the same call to another instance (or later) works."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SERVER_SHUTTING_DOWN"
+    retry_delay = timedelta(seconds=1)
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down. Retry the call.")
+
+    def details(self) -> Sequence[Message]:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromTimedelta(self.retry_delay)
+        return [info]
+
+
 class InternalError(ServiceError):
     """INTERNAL: a bug or a misconfiguration; the message deliberately says nothing more."""
 

@@ -7,6 +7,10 @@ amount) instead of sending a signal the workflow would ignore; the workflow
 checks everything again itself, so a race between the query and the signal
 never costs money: the workflow records what it refused in the order's state
 (docs/decisions/0001-signals-with-a-precheck-query.md).
+
+Two reads are not queries of one workflow: ListOrders reads Temporal's
+visibility store (server/listing.py, docs/decisions/0007), and WatchOrder
+streams from one shared watch per order (server/watch.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -30,6 +34,8 @@ from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server import convert, errors, validation
 from server.config import ServerConfig
 from server.errors import RpcContext
+from server.listing import OrderLister, TemporalVisibility
+from server.watch import OrderWatchers
 from workflows import models
 
 logger = logging.getLogger(__name__)
@@ -127,9 +133,15 @@ def _check_not_refused(
 class OrderServiceServicer(pb_grpc.OrderServiceServicer):
     """acme.orders.v1.OrderService, backed by one Temporal workflow per order."""
 
-    def __init__(self, client: Client, config: ServerConfig) -> None:
+    def __init__(
+        self, client: Client, config: ServerConfig, *, watchers: OrderWatchers | None = None
+    ) -> None:
         self._client = client
         self._config = config
+        self._lister = OrderLister(TemporalVisibility(client))
+        if watchers is None:
+            watchers = OrderWatchers(client, query_timeout=config.temporal_rpc_timeout)
+        self._watchers = watchers
 
     # --- RPCs ---------------------------------------------------------------
 
@@ -166,6 +178,49 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
     ) -> pb.GetEstimatedDeliveryResponse:
         call = _Call("GetEstimatedDelivery", context)
         return await self._serve(call, lambda: self._get_estimated_delivery(request, call))
+
+    async def ListOrders(
+        self, request: pb.ListOrdersRequest, context: RpcContext
+    ) -> pb.ListOrdersResponse:
+        """Orders newest first, from Temporal's visibility store (server/listing.py).
+
+        page_size: 0 means 50 (listing.DEFAULT_PAGE_SIZE); larger than 1000
+        (listing.MAX_PAGE_SIZE) is lowered to 1000; negative is INVALID_ARGUMENT.
+        Visibility lags the workflows by up to a few seconds, so a new order or
+        a status change shows a moment later. A page token is bound to the
+        filters it was issued for.
+        """
+        call = _Call("ListOrders", context)
+        return await self._serve(call, lambda: self._list_orders(request, call))
+
+    async def WatchOrder(
+        self, request: pb.WatchOrderRequest, context: RpcContext
+    ) -> AsyncIterator[pb.Order]:
+        """The order now, then after every change, until it is final (server/watch.py).
+
+        Every stream on one order shares one watch, so many watchers cost
+        Temporal what one does; the last one to go away releases it.
+        """
+        # An async generator itself (not a function returning one): grpc.aio
+        # serves a response stream only from an async generator function.
+        call = _Call("WatchOrder", context)
+        started = time.monotonic()
+        sent = 0
+        try:
+            call.order_id = validation.validate_order_id(request.order_id)
+            async with self._watchers.watch(call.order_id) as updates:
+                async for order in updates:
+                    yield order
+                    sent += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away or its deadline passed; gRPC has answered already.
+            self._log(call, grpc.StatusCode.CANCELLED, started, messages=sent)
+            raise
+        except Exception as exc:
+            error = errors.translate(exc, order_id=call.order_id)
+            self._log(call, error.code, started, messages=sent)
+            await errors.abort(call.context, error)
+        self._log(call, grpc.StatusCode.OK, started, messages=sent)
 
     # --- Implementations ----------------------------------------------------
 
@@ -316,6 +371,19 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
             response.estimated_delivery.CopyFrom(convert.timestamp_from_datetime(estimated))
         return response
 
+    async def _list_orders(
+        self, request: pb.ListOrdersRequest, call: _Call
+    ) -> pb.ListOrdersResponse:
+        list_request = validation.validate_list_orders(request)
+        # One cap for the whole page, which may take several visibility calls.
+        page = await self._temporal(
+            call, lambda timeout: self._lister.list_page(list_request, rpc_timeout=timeout)
+        )
+        return pb.ListOrdersResponse(
+            orders=[order.to_proto() for order in page.orders],
+            next_page_token=page.next_page_token.encode() if page.next_page_token else "",
+        )
+
     # --- Temporal access ----------------------------------------------------
 
     def _handle(self, call: _Call) -> WorkflowHandle[object, object]:
@@ -376,19 +444,24 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
         self._log(call, grpc.StatusCode.OK, started)
         return result
 
-    def _log(self, call: _Call, code: grpc.StatusCode, started: float) -> None:
+    def _log(
+        self, call: _Call, code: grpc.StatusCode, started: float, *, messages: int | None = None
+    ) -> None:
         if code == grpc.StatusCode.INTERNAL:
             level = logging.ERROR
         elif code == grpc.StatusCode.UNAVAILABLE:
             level = logging.WARNING
         else:
             level = logging.INFO
-        logger.log(
-            level,
-            "rpc=%s order_id=%s workflow_id=%s code=%s duration_ms=%d",
+        line = "rpc=%s order_id=%s workflow_id=%s code=%s duration_ms=%d"
+        args: list[object] = [
             call.rpc,
             call.order_id or "-",
             call.workflow_id or "-",
             code.name,
             (time.monotonic() - started) * 1000,
-        )
+        ]
+        if messages is not None:  # a stream: how many messages it sent
+            line += " messages=%d"
+            args.append(messages)
+        logger.log(level, line, *args)

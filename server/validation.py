@@ -3,7 +3,8 @@
 Each validator checks the whole request, collects every violation as a
 `google.rpc.BadRequest.FieldViolation` (paths like `items[2].price.nanos`) and
 raises one `errors.InvalidArgument`, so a client sees all its mistakes at
-once. On success it returns the workflow's own dataclasses, ready to send.
+once. On success it returns the workflow's own dataclasses, ready to send
+(for ListOrders, the listing.ListRequest the lister takes).
 Money is checked and summed as integers (workflows.money); no float ever.
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
+from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server import convert, ids
+from server import convert, ids, listing
 from server.errors import FieldViolation, InvalidArgument, field_violation
 from workflows import models
 from workflows.money import NANOS_PER_UNIT, Money
@@ -43,6 +46,11 @@ _CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Deliberately loose: one @, something on each side, a dot in the domain.
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Line breaks and tabs are fine in a free-text cancellation reason.
 _MULTILINE_ALLOWED = frozenset("\n\r\t")
@@ -319,3 +327,100 @@ def validate_cancel_order(request: pb.CancelOrderRequest) -> tuple[str, models.C
     v.raise_if_any()
     reason = request.reason.strip() or DEFAULT_CANCEL_REASON
     return request.order_id, models.CancelRequest(reason=reason)
+
+
+def _check_timestamp(
+    v: _Violations, field: str, timestamp: timestamp_pb2.Timestamp
+) -> datetime | None:
+    """The instant as an aware datetime, rounded up to the microsecond.
+
+    Order times have microseconds, so rounding up keeps both `>=` and `<`
+    exact for them.
+    """
+    if not MIN_TIMESTAMP_SECONDS <= timestamp.seconds <= MAX_TIMESTAMP_SECONDS:
+        v.add(
+            field, "Must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z.", "OUT_OF_RANGE"
+        )
+        return None
+    if not 0 <= timestamp.nanos <= MAX_NANOS:
+        v.add(f"{field}.nanos", f"Must be between 0 and {MAX_NANOS}.", "OUT_OF_RANGE")
+        return None
+    micros = -(-timestamp.nanos // 1000)
+    try:
+        return _EPOCH + timedelta(seconds=timestamp.seconds, microseconds=micros)
+    except OverflowError:  # rounding up past 9999-12-31T23:59:59.999999
+        return datetime.max.replace(tzinfo=UTC)
+
+
+def _check_page_size(v: _Violations, page_size: int) -> int:
+    if page_size < 0:
+        v.add("page_size", "Must not be negative.", "OUT_OF_RANGE")
+    if page_size == 0:
+        return listing.DEFAULT_PAGE_SIZE
+    return min(page_size, listing.MAX_PAGE_SIZE)
+
+
+def _check_page_token(
+    v: _Violations, text: str, list_filter: listing.ListFilter | None
+) -> listing.PageToken | None:
+    if not text:
+        return None
+    try:
+        token = listing.PageToken.decode(text)
+    except ValueError:
+        v.add(
+            "page_token",
+            "Not a page token from this service; pass a response's next_page_token unchanged.",
+            "INVALID_PAGE_TOKEN",
+        )
+        return None
+    if list_filter is not None and token.filter_digest != list_filter.digest():
+        v.add(
+            "page_token",
+            "Belongs to a request with other filters; customer_id, status, created_after "
+            "and created_before must be the same as in that request.",
+            "PAGE_TOKEN_MISMATCH",
+        )
+        return None
+    return token
+
+
+def validate_list_orders(request: pb.ListOrdersRequest) -> listing.ListRequest:
+    """The filters, page size and position of a valid ListOrders.
+
+    page_size 0 means listing.DEFAULT_PAGE_SIZE (50); above listing.MAX_PAGE_SIZE
+    (1000) it is lowered to it. Any customer_id up to 64 characters is a valid
+    filter: one no order has simply finds nothing.
+    """
+    v = _Violations()
+    page_size = _check_page_size(v, request.page_size)
+    if len(request.customer_id) > MAX_ID_LENGTH:
+        v.add("customer_id", f"Must be at most {MAX_ID_LENGTH} characters.", "TOO_LONG")
+    status: models.OrderStatus | None = None
+    if request.status not in pb.OrderStatus.values():
+        v.add("status", "Must be one of the OrderStatus values.", "INVALID_ENUM_VALUE")
+    elif request.status != pb.ORDER_STATUS_UNSPECIFIED:
+        status = convert.status_from_proto(request.status)
+    after = before = None
+    if request.HasField("created_after"):
+        after = _check_timestamp(v, "created_after", request.created_after)
+    if request.HasField("created_before"):
+        before = _check_timestamp(v, "created_before", request.created_before)
+    if after is not None and before is not None:
+        given_after = (request.created_after.seconds, request.created_after.nanos)
+        given_before = (request.created_before.seconds, request.created_before.nanos)
+        if given_after >= given_before:
+            v.add("created_before", "Must be later than created_after.", "INVALID_RANGE")
+    errors_before_token = len(v.items)
+    list_filter = listing.ListFilter(
+        customer_id=request.customer_id,
+        status=status,
+        created_after=after,
+        created_before=before,
+    )
+    # A token is checked against the filters only when they are valid themselves.
+    token = _check_page_token(
+        v, request.page_token, list_filter if errors_before_token == 0 else None
+    )
+    v.raise_if_any()
+    return listing.ListRequest(filter=list_filter, page_size=page_size, page_token=token)
