@@ -17,6 +17,7 @@ from temporalio.client import Client
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server.config import ServerConfig, format_duration
+from server.decoding import RejectUndecodableRequests
 from server.health import TemporalHealthProber, new_health_servicer
 from server.reflection import enable_reflection
 from server.servicer import SERVICE_NAME, OrderServiceServicer
@@ -71,7 +72,10 @@ async def start_server(config: ServerConfig, client: Client | None = None) -> Or
         client = await connect_temporal(config)
     # Without SO_REUSEPORT a second server on the same port fails to start
     # instead of silently sharing the port (and its traffic) with the first.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        interceptors=[RejectUndecodableRequests(SERVICE_NAME)],
+        options=[("grpc.so_reuseport", 0)],
+    )
     watchers = OrderWatchers(client, query_timeout=config.temporal_rpc_timeout)
     pb_grpc.add_OrderServiceServicer_to_server(
         OrderServiceServicer(client, config, watchers=watchers), server

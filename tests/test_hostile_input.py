@@ -16,12 +16,10 @@ the request type. For every example:
 - a CreateOrder that is accepted stores exactly what was sent;
 - a ListOrders answer matches its filters, whatever they hold.
 
-The one exception: bytes that do not parse as the request never reach our
-code. grpc-python itself answers them with UNKNOWN ("Unexpected <class
-'google.protobuf.message.DecodeError'>: ..."); `test_raw_bytes` checks that
-this happens exactly for such bytes, and the strict xfail
-`test_unparseable_request_is_invalid_argument` stands for the fix (an
-interceptor turning it into INVALID_ARGUMENT).
+Bytes that do not parse as the request never reach the servicer: grpc-python
+would answer them with UNKNOWN ("Unexpected <class DecodeError>"), so the
+server's interceptor (server/decoding.py) answers INVALID_ARGUMENT instead;
+`test_raw_bytes` checks that for every such example.
 
 At the end of the module (the last test): three real orders created first are
 exactly as they were (GetOrder equal field by field, no signal in their
@@ -716,8 +714,8 @@ ALLOWED_FOR_PARSED: dict[str, set[Code]] = {
     "ListOrders": {Code.OK, Code.INVALID_ARGUMENT},
     "WatchOrder": {Code.INVALID_ARGUMENT, Code.NOT_FOUND},
 }
-# grpc-python's own answer when the request bytes do not parse (see the xfail test below).
-FRAMEWORK_DECODE_ERROR = "Unexpected <class 'google.protobuf.message.DecodeError'>"
+# What server/decoding.py answers when the request bytes do not parse.
+MALFORMED_REQUEST = "Invalid request: request: Not a valid protobuf encoding"
 
 
 def varint(value: int) -> bytes:
@@ -796,10 +794,10 @@ async def test_raw_bytes(hostile: Hostile, implemented: set[str], rpc: str, raw:
     result = await call_raw(hostile.stack.channel, rpc, raw)
     hostile.examples["raw bytes"] += 1
     if not parses(rpc, raw):
-        # Not a protobuf of the request type: grpc-python answers before our code runs.
+        # Not a protobuf of the request type: refused before the servicer runs.
         hostile.record(f"raw {rpc}, not parsed", result.code)
-        assert result.code == Code.UNKNOWN, (rpc, raw, result.code, result.details)
-        assert result.details.startswith(FRAMEWORK_DECODE_ERROR), (rpc, raw, result.details)
+        assert result.code == Code.INVALID_ARGUMENT, (rpc, raw, result.code, result.details)
+        assert result.details.startswith(MALFORMED_REQUEST), (rpc, raw, result.details)
         return
     allowed = ALLOWED_FOR_PARSED[rpc]
     if rpc not in implemented:
@@ -811,14 +809,6 @@ async def test_raw_bytes(hostile: Hostile, implemented: set[str], rpc: str, raw:
         raise AssertionError(f"{rpc} accepted raw bytes {raw!r}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "grpc-python answers a request that is not a valid protobuf with UNKNOWN "
-        "('Unexpected <class DecodeError>: Error parsing message ...'), before the "
-        "servicer runs; the server needs an interceptor to make it INVALID_ARGUMENT"
-    ),
-)
 async def test_unparseable_request_is_invalid_argument(hostile: Hostile) -> None:
     # Field 1 (order_id, a string) holding bytes that are not UTF-8.
     raw = b"\x0a\x02\xff\xfe"

@@ -558,7 +558,9 @@ async def test_a_hanging_temporal_call_is_cut_at_the_caller_deadline(harness: Ha
     assert time.monotonic() - started < 2
     [rpc_timeout] = harness.temporal.rpc_timeouts
     assert rpc_timeout is not None
-    assert rpc_timeout <= timedelta(seconds=0.5)
+    # The caller's 0.5 s, not the configured 10 s cap; the deadline travels as a
+    # rounded header, so allow the rounding.
+    assert rpc_timeout <= timedelta(seconds=0.55)
 
 
 async def test_a_hanging_temporal_call_is_cut_at_the_configured_cap() -> None:
