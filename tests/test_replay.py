@@ -42,13 +42,10 @@ from workflows.models import (
     OrderState,
     OrderStatus,
     PaymentRequest,
-    RefundInfo,
-    RefundPaymentInput,
-    ReleaseInventoryInput,
     ShippingAddress,
     workflow_id_for,
 )
-from workflows.order_workflow import FOREVER_RETRY, STEP_TIMEOUT, OrderWorkflow
+from workflows.order_workflow import OrderWorkflow
 
 HISTORIES = sorted(record.HERE.glob("*.json"))
 
@@ -204,85 +201,28 @@ async def test_a_changed_workflow_fails_to_replay_every_history() -> None:
 RELEASE_BEFORE_REFUND = "release-inventory-before-refund"
 
 
-class _CompensationSteps(OrderWorkflow):
-    """OrderWorkflow._compensate's two activity steps, unchanged, as methods of their own."""
-
-    async def _refund_if_charged(self) -> None:
-        if self._charged and self._state.payment_info and not self._state.refund_info:
-            paid = self._state.payment_info
-            refund_id = await workflow.execute_activity_method(
-                OrderActivities.refund_payment,
-                RefundPaymentInput(
-                    order_id=self._order.order_id,
-                    transaction_id=paid.transaction_id,
-                    amount=paid.amount,
-                    idempotency_key=f"{self._order.order_id}/refund/{paid.transaction_id}",
-                ),
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=FOREVER_RETRY,
-            )
-            self._state.refund_info = RefundInfo(
-                refund_id=refund_id,
-                transaction_id=paid.transaction_id,
-                amount=paid.amount,
-                refunded_at=workflow.now(),
-            )
-            self._touch()
-
-    async def _release_reservation(self) -> None:
-        reservation = self._state.inventory_info.reservation_id
-        if reservation and not self._state.inventory_info.released:
-            await workflow.execute_activity_method(
-                OrderActivities.release_inventory,
-                ReleaseInventoryInput(self._order.order_id, reservation),
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=FOREVER_RETRY,
-            )
-            self._state.inventory_info.released = True
-            self._touch()
-
-    async def _compensate_steps(self) -> None:
-        raise NotImplementedError
-
-    async def _compensate(self) -> None:
-        """OrderWorkflow._compensate, its two activity steps left to `_compensate_steps`."""
-        assert self._cancel is not None
-        if self._state.status != OrderStatus.CANCELLED:
-            self._state.cancellation_reason = self._cancel.reason
-            self._set_status(OrderStatus.CANCELLED)
-        if self._state.payment_info is not None and not self._charged:
-            self._reject_payment(
-                self._state.payment_info, "Order was cancelled before the payment was captured"
-            )
-            self._state.payment_info = None
-        await self._compensate_steps()
-        if not self._cancellation_emailed:
-            self._cancellation_emailed = True
-            self._notify(NotificationKind.ORDER_CANCELLED)
-
-
 @workflow.defn(name=WORKFLOW_NAME, sandboxed=False)
-class UnguardedOrderWorkflow(_CompensationSteps):
+class UnguardedOrderWorkflow(OrderWorkflow):
     """The change made naively: new orders are right, orders in flight break."""
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderState:
         return await super().run(order)
 
-    async def _compensate_steps(self) -> None:
+    async def _undo_effects(self) -> None:
         await self._release_reservation()
         await self._refund_if_charged()
 
 
 @workflow.defn(name=WORKFLOW_NAME, sandboxed=False)
-class PatchedOrderWorkflow(_CompensationSteps):
+class PatchedOrderWorkflow(OrderWorkflow):
     """The change made safely: the old order of steps for orders that began with it."""
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderState:
         return await super().run(order)
 
-    async def _compensate_steps(self) -> None:
+    async def _undo_effects(self) -> None:
         if workflow.patched(RELEASE_BEFORE_REFUND):
             await self._release_reservation()
             await self._refund_if_charged()
@@ -292,14 +232,14 @@ class PatchedOrderWorkflow(_CompensationSteps):
 
 
 @workflow.defn(name=WORKFLOW_NAME, sandboxed=False)
-class DeprecatedPatchOrderWorkflow(_CompensationSteps):
+class DeprecatedPatchOrderWorkflow(OrderWorkflow):
     """Step two, once no order from before the patch is open: only the new code is left."""
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderState:
         return await super().run(order)
 
-    async def _compensate_steps(self) -> None:
+    async def _undo_effects(self) -> None:
         workflow.deprecate_patch(RELEASE_BEFORE_REFUND)
         await self._release_reservation()
         await self._refund_if_charged()

@@ -382,6 +382,17 @@ class OrderWorkflow:
                 self._state.payment_info, "Order was cancelled before the payment was captured"
             )
             self._state.payment_info = None
+        await self._undo_effects()
+        if not self._cancellation_emailed:
+            self._cancellation_emailed = True
+            self._notify(NotificationKind.ORDER_CANCELLED)
+
+    async def _undo_effects(self) -> None:
+        """The compensating calls, refund first (docs/decisions/0008 shows how to reorder)."""
+        await self._refund_if_charged()
+        await self._release_reservation()
+
+    async def _refund_if_charged(self) -> None:
         if self._charged and self._state.payment_info and not self._state.refund_info:
             paid = self._state.payment_info
             refund_id = await workflow.execute_activity_method(
@@ -402,6 +413,8 @@ class OrderWorkflow:
                 refunded_at=workflow.now(),
             )
             self._touch()
+
+    async def _release_reservation(self) -> None:
         reservation = self._state.inventory_info.reservation_id
         if reservation and not self._state.inventory_info.released:
             await workflow.execute_activity_method(
@@ -412,9 +425,6 @@ class OrderWorkflow:
             )
             self._state.inventory_info.released = True
             self._touch()
-        if not self._cancellation_emailed:
-            self._cancellation_emailed = True
-            self._notify(NotificationKind.ORDER_CANCELLED)
 
     async def _await_emails(self) -> None:
         """Waits for the emails started so far: the workflow closing would drop them."""
