@@ -132,7 +132,7 @@ def render_notification(
     """
     message = EmailMessage()
     message["From"] = parse_sender(sender)
-    message["To"] = _parse_single_address(recipient_for(notification))
+    message["To"] = parse_recipient(recipient_for(notification))
     message["Subject"] = subject_for(notification)
     message["Date"] = format_datetime(_as_aware(sent_at))
     message["Message-ID"] = message_id_for(notification.idempotency_key)
@@ -143,7 +143,8 @@ def render_notification(
     return message
 
 
-def _parse_single_address(text: str) -> Address:
+def parse_recipient(text: str) -> Address:
+    """One plain address, or InvalidRecipientError; CreateOrder validates with it too."""
     # Building the Address ourselves rejects header injection (CR/LF) and
     # lists of recipients, which a plain string header would let through.
     if any(ch in text for ch in '\r\n,;<>"()') or text.count("@") != 1:

@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 
 from acme.orders.v1 import order_service_pb2 as pb
+from activities.email import InvalidRecipientError, parse_recipient
 from server import convert, ids, listing
 from server.errors import FieldViolation, InvalidArgument, field_violation
 from workflows import models
@@ -215,8 +216,17 @@ def _check_email(v: _Violations, email: str) -> None:
         return
     if len(email) > MAX_EMAIL_LENGTH:
         v.add("customer_email", f"Must be at most {MAX_EMAIL_LENGTH} characters.", "TOO_LONG")
-    elif _has_control_chars(email) or not _EMAIL.fullmatch(email):
+    elif _has_control_chars(email) or not _EMAIL.fullmatch(email) or not _mailable(email):
         v.add("customer_email", "Must be an email address like name@example.com.", "INVALID_FORMAT")
+
+
+def _mailable(email: str) -> bool:
+    """The mailer's own rule, so an accepted address is one the emails can go to."""
+    try:
+        parse_recipient(email)
+    except InvalidRecipientError:
+        return False
+    return True
 
 
 def validate_create_order(

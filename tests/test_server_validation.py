@@ -467,3 +467,10 @@ def test_reason_of_500_characters_passes() -> None:
 )
 def test_bad_cancel_field(request_: pb.CancelOrderRequest, field: str, reason: str) -> None:
     assert violations(lambda: validation.validate_cancel_order(request_)) == {field: reason}
+
+
+@pytest.mark.parametrize(
+    "email", ["<script>alert(1)</script>@<script>alert(1)</script>.com", 'a"b@example.com']
+)
+def test_customer_email_the_mailer_would_refuse_is_invalid(email: str) -> None:
+    assert create_violations(create(customer_email=email)) == {"customer_email": "INVALID_FORMAT"}
