@@ -25,6 +25,14 @@ Failures, all off by default:
                                    steps (reserve_inventory, charge_payment,
                                    prepare_shipment, ship_order, deliver_order).
 
+Memory of the simulated providers:
+    ORDER_SIM_LEDGER               path of a SQLite file where the providers record what they
+                                   did (charges, refunds, reservations and releases, emails),
+                                   once per idempotency key, shared by every worker using it:
+                                   a retry after a worker is killed, or on another worker,
+                                   still has no second effect (activities/ledger.py).
+                                   Unset: in the worker's memory, lost when it stops.
+
 Email:
     ORDER_OUTBOX_DIR               folder for .eml files when no SMTP server is set ("outbox").
     ORDER_EMAIL_FROM               From address ("orders@acme.example"); "Name <addr>" works.
@@ -61,6 +69,7 @@ DURATION_ENV_VARS: Mapping[str, str] = {
 }
 OUTBOX_DIR_ENV_VAR = "ORDER_OUTBOX_DIR"
 DEFAULT_OUTBOX_DIR = "outbox"
+LEDGER_ENV_VAR = "ORDER_SIM_LEDGER"
 
 STOCK_ENV_VAR = "ORDER_SIM_STOCK"
 DECLINE_METHODS_ENV_VAR = "ORDER_SIM_DECLINE_METHODS"
@@ -161,6 +170,9 @@ class SimulationConfig:
     deliver: float = 10.0
     email: float = 0.2
     outbox_dir: Path = Path(DEFAULT_OUTBOX_DIR)
+    # Where the providers remember their effects across processes (activities/ledger.py);
+    # None: in memory, per process.
+    ledger_path: Path | None = None
 
     # Units in stock per product id; products not listed have `default_stock`,
     # or no limit when that is None. Reserving takes stock, releasing gives it back.
@@ -253,8 +265,9 @@ class SimulationConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SimulationConfig:
-        """The defaults, overridden by the ORDER_SIM_*, ORDER_OUTBOX_DIR, ORDER_EMAIL_FROM
-        and ORDER_SMTP_* variables that are set (the module docstring lists them).
+        """The defaults, overridden by the ORDER_SIM_* (ORDER_SIM_LEDGER among them),
+        ORDER_OUTBOX_DIR, ORDER_EMAIL_FROM and ORDER_SMTP_* variables that are set
+        (the module docstring lists them).
 
         Raises ValueError naming the variable when a value is not valid.
         """
@@ -275,6 +288,10 @@ class SimulationConfig:
             if not math.isfinite(durations[name]) or durations[name] < 0:
                 raise ValueError(f"{var}={raw!r} must be a finite number of seconds >= 0")
         outbox_dir = Path(get(OUTBOX_DIR_ENV_VAR) or DEFAULT_OUTBOX_DIR)
+        ledger_raw = get(LEDGER_ENV_VAR)
+        ledger_path = Path(ledger_raw) if ledger_raw else None
+        if ledger_path is not None and ledger_path.is_dir():
+            raise ValueError(f"{LEDGER_ENV_VAR}={ledger_raw!r} is a folder, not a file")
         stock, default_stock = _parse_stock(get(STOCK_ENV_VAR))
         fail_activities = _parse_activities(get(FAIL_ACTIVITIES_ENV_VAR))
         email_from = get(EMAIL_FROM_ENV_VAR) or DEFAULT_EMAIL_FROM
@@ -285,6 +302,7 @@ class SimulationConfig:
         return cls(
             **durations,
             outbox_dir=outbox_dir,
+            ledger_path=ledger_path,
             stock=stock,
             default_stock=default_stock,
             decline_methods=frozenset(m.lower() for m in _split_list(get(DECLINE_METHODS_ENV_VAR))),

@@ -13,7 +13,14 @@ An outage fails an attempt before it reaches the provider, so a failed
 attempt has no effect either.
 
 The providers' state lives in memory: it is lost when the worker restarts,
-like a sandbox account that is reset.
+like a sandbox account that is reset. With a ledger (ORDER_SIM_LEDGER,
+activities/ledger.py), the payment gateway, the inventory service and the
+mail service remember their effects there instead, across processes, as
+remote providers would: charges, refunds, reservations, releases and emails
+then happen once per idempotency key even when the worker that made one is
+killed before reporting it and the retry runs in another process. The
+in-memory stores then mirror what this process did or found in the ledger;
+stock levels, packages, shipments and deliveries stay per process.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.config import SimulationConfig
 from activities.email import InvalidRecipientError, render_notification
+from activities.ledger import Effect, EffectKind, Ledger
 from activities.mailer import MailDeliveryError, Mailer, mailer_for
 from workflows.models import (
     OUT_OF_STOCK_ERROR,
@@ -139,7 +147,13 @@ class OrderActivities:
         # Units left per product with limited stock; unlimited products are absent.
         self.stock: dict[str, int] = dict(config.stock)
         self._random = rng if rng is not None else random.Random()
+        # The providers' durable memory, shared with other workers, if configured.
+        self.ledger: Ledger | None = (
+            Ledger(config.ledger_path) if config.ledger_path is not None else None
+        )
         logger.info("Emails go to the %s", self.mailer)
+        if self.ledger is not None:
+            logger.info("Providers record their effects in the %s", self.ledger)
         if config.simulates_failures:
             logger.info("Simulated failures: %s", config.describe_failures())
         # Each store is keyed by the call's idempotency key.
@@ -190,6 +204,10 @@ class OrderActivities:
         """
         quantity = _total_quantity(input.order_id, input.items)
         self._maybe_fail("reserve_inventory", input.order_id)
+        if self.ledger is not None:
+            self._mirror_reservation(
+                await self.ledger.attempt(EffectKind.RESERVE, input.order_id, input.order_id)
+            )
         if input.order_id not in self.reservations:
             await self._simulate(self.config.inventory, input.order_id, "reserving inventory")
         reservation = self.reservations.get(input.order_id)
@@ -222,6 +240,27 @@ class OrderActivities:
             self.stock[product] = (self.stock_level(product) or 0) - units
         reservation = Reservation(f"RSV-{input.order_id}", input.order_id, quantity, taken=taken)
         self.reservations[input.order_id] = reservation
+        if self.ledger is not None:
+            # Taken from this process's stock first (no await between check and take),
+            # then recorded; given back if the record fails or another attempt won.
+            try:
+                effect, created = await self.ledger.record(
+                    EffectKind.RESERVE,
+                    input.order_id,
+                    input.order_id,
+                    {"order_id": input.order_id, "items": wanted, "quantity": quantity},
+                    reservation.reservation_id,
+                )
+            except BaseException:
+                self._undo_reservation(reservation)
+                raise
+            if not created:
+                self._undo_reservation(reservation)
+                self._mirror_reservation(effect)
+                logger.info(
+                    "order %s: inventory already reserved as %s", input.order_id, effect.result
+                )
+                return effect.result
         logger.info(
             "order %s: reserved %d item(s) as %s",
             input.order_id,
@@ -235,6 +274,13 @@ class OrderActivities:
         """Releases a reservation, giving its stock back; releasing twice, or one never made,
         is a no-op."""
         self._maybe_fail("release_inventory", input.order_id)
+        if self.ledger is not None:
+            released = await self.ledger.attempt(EffectKind.RELEASE, input.order_id, input.order_id)
+            if input.order_id not in self.reservations:
+                self._mirror_reservation(await self.ledger.find(EffectKind.RESERVE, input.order_id))
+            if released is not None and input.order_id in self.reservations:
+                # Released by an earlier attempt, maybe in another process.
+                self._give_back(self.reservations[input.order_id])
         reservation = self.reservations.get(input.order_id)
         if reservation is None or reservation.released:
             # Compensation must not fail: nothing held means nothing to release.
@@ -254,11 +300,16 @@ class OrderActivities:
                 reservation.reservation_id,
                 input.reservation_id,
             )
+        if self.ledger is not None:
+            await self.ledger.record(
+                EffectKind.RELEASE,
+                input.order_id,
+                input.order_id,
+                {"order_id": input.order_id, "reservation_id": reservation.reservation_id},
+                reservation.reservation_id,
+            )
         if not reservation.released:
-            # The flag and the stock change together, so stock is given back once.
-            reservation.released = True
-            for product, units in reservation.taken.items():
-                self.stock[product] = self.stock.get(product, 0) + units
+            self._give_back(reservation)
             logger.info(
                 "order %s: released reservation %s (%d item(s))",
                 input.order_id,
@@ -277,38 +328,41 @@ class OrderActivities:
         _require_positive(input.order_id, input.amount)
         self._maybe_fail("charge_payment", input.order_id)
         key = input.idempotency_key
+        if self.ledger is not None:
+            known = await self.ledger.attempt(EffectKind.CHARGE, key, input.order_id)
+            if known is not None:
+                self.charges.setdefault(key, _charge_from(known))
         if key not in self.charges:
             await self._simulate(self.config.payment, input.order_id, "charging payment")
         charge = self.charges.get(key)
         if charge is not None:
-            same_request = (
-                charge.order_id,
-                charge.transaction_id,
-                charge.amount,
-                charge.payment_method,
-            ) == (input.order_id, input.transaction_id, input.amount, input.payment_method)
-            if not same_request:
-                raise _key_reused(
-                    key,
-                    f"charge {charge.capture_id} of {charge.amount} for order {charge.order_id}",
-                )
-            logger.info(
-                "order %s: payment %s already captured as %s",
-                input.order_id,
-                input.transaction_id,
-                charge.capture_id,
-            )
-            return charge.capture_id
+            return self._repeated_charge(input, charge)
         decline = self._decline_reason(input)
         if decline is not None:
             logger.info("order %s: payment %s declined", input.order_id, input.transaction_id)
             raise ApplicationError(decline, type=PAYMENT_DECLINED_ERROR, non_retryable=True)
-        capture_id = _unique_id(
-            f"CAP-{input.transaction_id}", (c.capture_id for c in self.charges.values())
-        )
-        self.charges[key] = Charge(
-            capture_id, input.order_id, input.transaction_id, input.amount, input.payment_method
-        )
+        if self.ledger is None:
+            capture_id = _unique_id(
+                f"CAP-{input.transaction_id}", (c.capture_id for c in self.charges.values())
+            )
+            self.charges[key] = Charge(
+                capture_id, input.order_id, input.transaction_id, input.amount, input.payment_method
+            )
+        else:
+            # The ledger's record is the capture; it names it, unique among all workers',
+            # and if another attempt recorded one under this key first, that one stands.
+            effect, created = await self.ledger.record(
+                EffectKind.CHARGE,
+                key,
+                input.order_id,
+                _charge_request(input),
+                f"CAP-{input.transaction_id}",
+                unique_result=True,
+            )
+            self.charges[key] = charge = _charge_from(effect)
+            if not created:
+                return self._repeated_charge(input, charge)
+            capture_id = charge.capture_id
         logger.info(
             "order %s: charged %s via %s (transaction %s), capture %s",
             input.order_id,
@@ -325,30 +379,35 @@ class OrderActivities:
         _require_positive(input.order_id, input.amount)
         self._maybe_fail("refund_payment", input.order_id)
         key = input.idempotency_key
+        if self.ledger is not None:
+            known = await self.ledger.attempt(EffectKind.REFUND, key, input.order_id)
+            if known is not None:
+                self.refunds.setdefault(key, _refund_from(known))
         if key not in self.refunds:
             await self._simulate(self.config.payment, input.order_id, "refunding payment")
         refund = self.refunds.get(key)
         if refund is not None:
-            same_request = (refund.order_id, refund.transaction_id, refund.amount) == (
-                input.order_id,
-                input.transaction_id,
-                input.amount,
+            return self._repeated_refund(input, refund)
+        if self.ledger is None:
+            refund_id = _unique_id(
+                f"RFD-{input.transaction_id}", (r.refund_id for r in self.refunds.values())
             )
-            if not same_request:
-                raise _key_reused(
-                    key, f"refund {refund.refund_id} of {refund.amount} for order {refund.order_id}"
-                )
-            logger.info(
-                "order %s: transaction %s already refunded as %s",
-                input.order_id,
-                input.transaction_id,
-                refund.refund_id,
+            self.refunds[key] = Refund(
+                refund_id, input.order_id, input.transaction_id, input.amount
             )
-            return refund.refund_id
-        refund_id = _unique_id(
-            f"RFD-{input.transaction_id}", (r.refund_id for r in self.refunds.values())
-        )
-        self.refunds[key] = Refund(refund_id, input.order_id, input.transaction_id, input.amount)
+        else:
+            effect, created = await self.ledger.record(
+                EffectKind.REFUND,
+                key,
+                input.order_id,
+                _refund_request(input),
+                f"RFD-{input.transaction_id}",
+                unique_result=True,
+            )
+            self.refunds[key] = refund = _refund_from(effect)
+            if not created:
+                return self._repeated_refund(input, refund)
+            refund_id = refund.refund_id
         logger.info(
             "order %s: refunded %s of transaction %s, refund %s",
             input.order_id,
@@ -435,6 +494,10 @@ class OrderActivities:
         except InvalidRecipientError as err:
             raise ApplicationError(str(err), type=INVALID_RECIPIENT, non_retryable=True) from err
         self._maybe_fail("send_notification", notification.order_id)
+        if self.ledger is not None:
+            known = await self.ledger.attempt(EffectKind.EMAIL, key, notification.order_id)
+            if known is not None:
+                self.sent_emails.setdefault(key, known.result)
         if key not in self.sent_emails and self.config.smtp is None:
             # Simulated latency for the outbox only: a real SMTP server takes its own time.
             await self._simulate(self.config.email, notification.order_id, "sending email")
@@ -458,6 +521,18 @@ class OrderActivities:
                     str(err), type=RECIPIENT_REJECTED, non_retryable=True
                 ) from err
             raise ApplicationError(str(err), type=MAIL_SERVER_UNAVAILABLE) from err
+        if self.ledger is not None:
+            await self.ledger.record(
+                EffectKind.EMAIL,
+                key,
+                notification.order_id,
+                {
+                    "order_id": notification.order_id,
+                    "kind": notification.kind.value,
+                    "to": str(message["To"]),
+                },
+                str(message["Message-ID"]),
+            )
         self.sent_emails[key] = str(message["Message-ID"])
         logger.info(
             "order %s: emailed %r to %s",
@@ -467,6 +542,74 @@ class OrderActivities:
         )
 
     # --- Helpers -------------------------------------------------------------
+
+    def _repeated_charge(self, input: ChargePaymentInput, charge: Charge) -> str:
+        """The first capture's id for a repeated request; IdempotencyKeyReused for another one."""
+        same_request = (
+            charge.order_id,
+            charge.transaction_id,
+            charge.amount,
+            charge.payment_method,
+        ) == (input.order_id, input.transaction_id, input.amount, input.payment_method)
+        if not same_request:
+            raise _key_reused(
+                input.idempotency_key,
+                f"charge {charge.capture_id} of {charge.amount} for order {charge.order_id}",
+            )
+        logger.info(
+            "order %s: payment %s already captured as %s",
+            input.order_id,
+            input.transaction_id,
+            charge.capture_id,
+        )
+        return charge.capture_id
+
+    def _repeated_refund(self, input: RefundPaymentInput, refund: Refund) -> str:
+        """The first refund's id for a repeated request; IdempotencyKeyReused for another one."""
+        same_request = (refund.order_id, refund.transaction_id, refund.amount) == (
+            input.order_id,
+            input.transaction_id,
+            input.amount,
+        )
+        if not same_request:
+            raise _key_reused(
+                input.idempotency_key,
+                f"refund {refund.refund_id} of {refund.amount} for order {refund.order_id}",
+            )
+        logger.info(
+            "order %s: transaction %s already refunded as %s",
+            input.order_id,
+            input.transaction_id,
+            refund.refund_id,
+        )
+        return refund.refund_id
+
+    def _mirror_reservation(self, effect: Effect | None) -> None:
+        """Remembers a reservation found in the ledger, unless this process made it.
+
+        One made by another process took none of this process's stock, so
+        releasing it gives none back.
+        """
+        if effect is None or effect.order_id in self.reservations:
+            return
+        quantity = int(effect.params().get("quantity", 0))
+        self.reservations[effect.order_id] = Reservation(effect.result, effect.order_id, quantity)
+
+    def _undo_reservation(self, reservation: Reservation) -> None:
+        """Forgets a reservation that was never recorded, returning its stock."""
+        if self.reservations.get(reservation.order_id) is reservation:
+            del self.reservations[reservation.order_id]
+        for product, units in reservation.taken.items():
+            self.stock[product] = self.stock.get(product, 0) + units
+
+    def _give_back(self, reservation: Reservation) -> None:
+        """Marks the reservation released and returns its stock, once."""
+        if reservation.released:
+            return
+        # The flag and the stock change together, so stock is given back once.
+        reservation.released = True
+        for product, units in reservation.taken.items():
+            self.stock[product] = self.stock.get(product, 0) + units
 
     def _maybe_fail(self, name: str, order_id: str) -> None:
         """A simulated outage of the provider behind activity `name`, if configured.
@@ -519,6 +662,52 @@ class OrderActivities:
                 loop.time() - started,
             )
             raise
+
+
+def _money_params(amount: Money) -> dict[str, Any]:
+    return {"currency_code": amount.currency_code, "units": amount.units, "nanos": amount.nanos}
+
+
+def _money_from(params: dict[str, Any]) -> Money:
+    return Money(str(params["currency_code"]), int(params["units"]), int(params["nanos"]))
+
+
+def _charge_request(input: ChargePaymentInput) -> dict[str, Any]:
+    return {
+        "order_id": input.order_id,
+        "transaction_id": input.transaction_id,
+        "amount": _money_params(input.amount),
+        "payment_method": input.payment_method,
+    }
+
+
+def _charge_from(effect: Effect) -> Charge:
+    params = effect.params()
+    return Charge(
+        effect.result,
+        str(params["order_id"]),
+        str(params["transaction_id"]),
+        _money_from(params["amount"]),
+        str(params["payment_method"]),
+    )
+
+
+def _refund_request(input: RefundPaymentInput) -> dict[str, Any]:
+    return {
+        "order_id": input.order_id,
+        "transaction_id": input.transaction_id,
+        "amount": _money_params(input.amount),
+    }
+
+
+def _refund_from(effect: Effect) -> Refund:
+    params = effect.params()
+    return Refund(
+        effect.result,
+        str(params["order_id"]),
+        str(params["transaction_id"]),
+        _money_from(params["amount"]),
+    )
 
 
 def _total_quantity(order_id: str, items: Iterable[OrderItem]) -> int:

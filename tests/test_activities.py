@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,6 +32,7 @@ from activities.config import (
     SmtpSecurity,
 )
 from activities.email import TITLES
+from activities.ledger import EffectKind, Ledger, canonical
 from activities.mailer import OutboxMailer
 from activities.order_activities import OrderActivities
 from workflows.models import (
@@ -795,3 +798,255 @@ def test_smtp_defaults(env: dict[str, str], security: SmtpSecurity, port: int) -
 def test_bad_smtp_setting_names_the_variable(env: dict[str, str], var: str) -> None:
     with pytest.raises(ValueError, match=var):
         SimulationConfig.from_env(env)
+
+
+# --- The ledger: the providers' memory across processes ------------------------------------
+
+
+def with_ledger(outbox: Path, ledger: Path, **changes: Any) -> OrderActivities:
+    """Activities keeping the providers' memory in `ledger`: a new worker process, in effect."""
+    config = dataclasses.replace(SimulationConfig.instant(outbox), ledger_path=ledger, **changes)
+    return OrderActivities(config)
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger" / "providers.sqlite"
+
+
+def test_ledger_setting_from_env(tmp_path: Path) -> None:
+    assert SimulationConfig.from_env({}).ledger_path is None
+    assert SimulationConfig().ledger_path is None
+    path = tmp_path / "l.sqlite"
+    assert SimulationConfig.from_env({"ORDER_SIM_LEDGER": f" {path} "}).ledger_path == path
+    with pytest.raises(ValueError, match="ORDER_SIM_LEDGER"):
+        SimulationConfig.from_env({"ORDER_SIM_LEDGER": str(tmp_path)})
+
+
+def test_without_a_ledger_nothing_is_written(acts: OrderActivities) -> None:
+    assert acts.ledger is None
+
+
+async def test_ledger_first_effect_wins_and_attempts_are_counted_apart(ledger_path: Path) -> None:
+    ledger = Ledger(ledger_path)
+    assert await ledger.attempt(EffectKind.CHARGE, "O-1/charge/T", "O-1") is None
+    first, created = await ledger.record(
+        EffectKind.CHARGE, "O-1/charge/T", "O-1", {"b": 1, "a": [1, 2]}, "CAP-T"
+    )
+    assert created
+    assert first.request == '{"a":[1,2],"b":1}' == canonical({"a": [1, 2], "b": 1})
+    assert first.params() == {"a": [1, 2], "b": 1}
+    assert first.pid == os.getpid()
+    again, created = await ledger.record(
+        EffectKind.CHARGE, "O-1/charge/T", "O-1", {"other": True}, "CAP-X"
+    )
+    assert not created
+    assert again == first
+    assert await ledger.attempt(EffectKind.CHARGE, "O-1/charge/T", "O-1") == first
+    # Another kind with the same key is another effect.
+    _, created = await ledger.record(EffectKind.REFUND, "O-1/charge/T", "O-1", {}, "RFD-T")
+    assert created
+
+    # A second handle on the file (another process, in effect) sees the same.
+    reopened = Ledger(ledger_path)
+    assert [e.kind for e in await reopened.effects()] == [EffectKind.CHARGE, EffectKind.REFUND]
+    assert await reopened.effects(EffectKind.CHARGE, order_id="O-2") == []
+    assert await reopened.find(EffectKind.CHARGE, "O-1/charge/T") == first
+    assert len(await reopened.attempts(EffectKind.CHARGE, "O-1")) == 2
+    assert await reopened.attempts(EffectKind.REFUND) == []
+    with sqlite3.connect(ledger_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_ledger_unique_results(ledger_path: Path) -> None:
+    ledger = Ledger(ledger_path)
+    results = []
+    for order in ("O-1", "O-2", "O-3"):
+        effect, _ = await ledger.record(
+            EffectKind.CHARGE, f"{order}/charge/T", order, {}, "CAP-T", unique_result=True
+        )
+        results.append(effect.result)
+    assert results == ["CAP-T", "CAP-T-2", "CAP-T-3"]
+    # Not asked for: a result may repeat (a reservation id is the order's own).
+    effect, _ = await ledger.record(EffectKind.RELEASE, "O-1", "O-1", {}, "CAP-T")
+    assert effect.result == "CAP-T"
+
+
+async def test_ledger_records_once_under_concurrent_writers(ledger_path: Path) -> None:
+    # Separate handles, as separate processes would have; each record runs in its own thread.
+    handles = [Ledger(ledger_path) for _ in range(8)]
+    outcomes = await asyncio.gather(
+        *(
+            h.record(EffectKind.CHARGE, "O-1/charge/T", "O-1", {"n": n}, f"CAP-{n}")
+            for n, h in enumerate(handles)
+        )
+    )
+    assert sum(created for _, created in outcomes) == 1
+    assert len({effect for effect, _ in outcomes}) == 1
+    assert len(await handles[0].effects()) == 1
+
+
+async def test_ledger_charges_once_across_workers(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    # A worker charges, then dies before reporting it; the retry runs on a fresh worker.
+    first = with_ledger(tmp_path / "a", ledger_path)
+    capture = await env.run(first.charge_payment, charge_input())
+    restarted = with_ledger(tmp_path / "b", ledger_path)
+    assert await attempt(env, 2).run(restarted.charge_payment, charge_input()) == capture
+    assert restarted.charge_count("ORD-1/charge/TXN-1") == 1
+    ledger = Ledger(ledger_path)
+    assert [e.result for e in await ledger.effects(EffectKind.CHARGE)] == [capture]
+    assert len(await ledger.attempts(EffectKind.CHARGE, "ORD-1")) == 2
+
+    # The same key for another charge is refused, whichever worker sees it.
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(restarted.charge_payment, charge_input(amount=Money("USD", 1)))
+    assert caught.value.type == "IdempotencyKeyReused"
+    assert caught.value.non_retryable
+    # Without the ledger, the restarted worker would have charged a second time.
+    forgetful = OrderActivities(SimulationConfig.instant(tmp_path / "c"))
+    await env.run(forgetful.charge_payment, charge_input())
+    assert forgetful.charge_count("ORD-1/charge/TXN-1") == 1  # its own, second, charge
+    assert len(await ledger.effects(EffectKind.CHARGE)) == 1  # the gateway saw one
+
+
+async def test_ledger_capture_and_refund_ids_are_unique_across_workers(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    # Two orders paid with the same client-chosen transaction id, on two workers.
+    one = with_ledger(tmp_path / "a", ledger_path)
+    two = with_ledger(tmp_path / "b", ledger_path)
+    first = await env.run(one.charge_payment, charge_input("ORD-1/charge/TXN-1"))
+    second = await env.run(two.charge_payment, charge_input("ORD-2/charge/TXN-1", order_id="ORD-2"))
+    assert (first, second) == ("CAP-TXN-1", "CAP-TXN-1-2")
+    refunds = [
+        await env.run(
+            acts.refund_payment, RefundPaymentInput(order, "TXN-1", LAPTOP, f"{order}/refund/TXN-1")
+        )
+        for acts, order in ((two, "ORD-1"), (one, "ORD-2"))
+    ]
+    assert refunds == ["RFD-TXN-1", "RFD-TXN-1-2"]
+
+
+async def test_ledger_refunds_once_across_workers(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    refund = RefundPaymentInput("ORD-1", "TXN-1", LAPTOP, "ORD-1/refund/TXN-1")
+    first = await env.run(with_ledger(tmp_path / "a", ledger_path).refund_payment, refund)
+    restarted = with_ledger(tmp_path / "b", ledger_path)
+    assert await env.run(restarted.refund_payment, refund) == first
+    with pytest.raises(ApplicationError) as caught:
+        await env.run(restarted.refund_payment, dataclasses.replace(refund, amount=Money("USD", 1)))
+    assert caught.value.type == "IdempotencyKeyReused"
+    ledger = Ledger(ledger_path)
+    assert len(await ledger.effects(EffectKind.REFUND)) == 1
+    assert len(await ledger.attempts(EffectKind.REFUND)) == 3
+
+
+async def test_ledger_reserves_and_releases_once_across_workers(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    stock = {"PROD-123": 5, "PROD-9": 2}
+    first = with_ledger(tmp_path / "a", ledger_path, stock=stock)
+    reservation_id = await env.run(first.reserve_inventory, ReserveInventoryInput("ORD-1", ITEMS))
+    assert (first.stock_level("PROD-123"), first.stock_level("PROD-9")) == (4, 0)
+
+    # A fresh worker: the retried reservation is the same one and takes none of its stock.
+    second = with_ledger(tmp_path / "b", ledger_path, stock=stock)
+    again = await env.run(second.reserve_inventory, ReserveInventoryInput("ORD-1", ITEMS))
+    assert again == reservation_id
+    assert (second.stock_level("PROD-123"), second.stock_level("PROD-9")) == (5, 2)
+    assert second.reservations["ORD-1"].quantity == 3
+
+    # Released on the second worker: once, giving back none of the stock it never took.
+    release = ReleaseInventoryInput("ORD-1", reservation_id)
+    await env.run(second.release_inventory, release)
+    assert (second.stock_level("PROD-123"), second.stock_level("PROD-9")) == (5, 2)
+    # The first worker, retrying the release, learns it is done and gets its stock back.
+    await env.run(first.release_inventory, release)
+    await env.run(first.release_inventory, release)
+    assert first.reservations["ORD-1"].released
+    assert (first.stock_level("PROD-123"), first.stock_level("PROD-9")) == (5, 2)
+    # Nothing reserved, nothing released.
+    await env.run(second.release_inventory, ReleaseInventoryInput("ORD-2", ""))
+
+    ledger = Ledger(ledger_path)
+    assert [(e.kind, e.key) for e in await ledger.effects()] == [
+        (EffectKind.RESERVE, "ORD-1"),
+        (EffectKind.RELEASE, "ORD-1"),
+    ]
+    assert (await ledger.effects(EffectKind.RESERVE))[0].params()["quantity"] == 3
+    assert len(await ledger.attempts(EffectKind.RELEASE, "ORD-1")) == 3
+    assert len(await ledger.attempts(EffectKind.RELEASE, "ORD-2")) == 1
+
+
+async def test_ledger_emails_once_across_workers(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    # Each worker with its own outbox, so only the ledger can stop the second email.
+    note = notification(NotificationKind.ORDER_SHIPPED)
+    await env.run(with_ledger(tmp_path / "a", ledger_path).send_notification, note)
+    restarted = with_ledger(tmp_path / "b", ledger_path)
+    await env.run(restarted.send_notification, note)
+    assert len(emails_in(tmp_path / "a")) == 1
+    assert emails_in(tmp_path / "b") == []
+    ledger = Ledger(ledger_path)
+    (sent,) = await ledger.effects(EffectKind.EMAIL)
+    assert sent.key == note.idempotency_key == "ORD-1/order_shipped"
+    assert sent.result == read_email(emails_in(tmp_path / "a")[0])["Message-ID"]
+    assert sent.params() == {"order_id": "ORD-1", "kind": "order_shipped", "to": note.recipient}
+    assert restarted.sent_emails == {note.idempotency_key: sent.result}
+
+
+async def test_ledger_keeps_nothing_of_a_cut_off_or_failed_attempt(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    # Cut off in the middle of the gateway call (the worker stopping): no charge.
+    slow = with_ledger(tmp_path / "a", ledger_path, payment=30.0)
+    heartbeat = asyncio.Event()
+    slow_env = ActivityEnvironment()
+    slow_env.on_heartbeat = lambda *details: heartbeat.set()
+    task = asyncio.create_task(slow_env.run(slow.charge_payment, charge_input()))
+    await asyncio.wait_for(heartbeat.wait(), timeout=5)
+    slow_env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Declined: counted as an attempt, never charged.
+    declining = with_ledger(
+        tmp_path / "b", ledger_path, decline_methods=frozenset({"declined_card"})
+    )
+    with pytest.raises(ApplicationError, match="declined"):
+        await env.run(
+            declining.charge_payment,
+            dataclasses.replace(
+                charge_input("ORD-2/charge/TXN-1", order_id="ORD-2"), payment_method="declined_card"
+            ),
+        )
+    # A simulated outage fails before the provider: not even an attempt.
+    outage = with_ledger(tmp_path / "c", ledger_path, fail_first_attempts=1)
+    with pytest.raises(ApplicationError, match="unavailable"):
+        await env.run(outage.charge_payment, charge_input())
+    ledger = Ledger(ledger_path)
+    assert await ledger.effects() == []
+    assert [a.order_id for a in await ledger.attempts(EffectKind.CHARGE)] == ["ORD-1", "ORD-2"]
+
+    # The retry, on yet another worker, charges once.
+    await attempt(env, 2).run(
+        with_ledger(tmp_path / "d", ledger_path).charge_payment, charge_input()
+    )
+    assert len(await ledger.effects(EffectKind.CHARGE)) == 1
+
+
+async def test_ledger_concurrent_attempts_on_two_workers_charge_once(
+    tmp_path: Path, ledger_path: Path
+) -> None:
+    # A retry started while the first attempt still runs (a timed-out, not dead, worker).
+    workers = [with_ledger(tmp_path / str(n), ledger_path, payment=0.2) for n in range(2)]
+    captures = await asyncio.gather(
+        *(ActivityEnvironment().run(w.charge_payment, charge_input()) for w in workers)
+    )
+    assert captures == ["CAP-TXN-1", "CAP-TXN-1"]
+    ledger = Ledger(ledger_path)
+    assert len(await ledger.effects(EffectKind.CHARGE)) == 1
+    assert len(await ledger.attempts(EffectKind.CHARGE)) == 2
