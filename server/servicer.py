@@ -57,6 +57,9 @@ CANCELLATION_REQUESTED_MESSAGE = (
 # give temporalio, so its more specific error normally arrives first. It is
 # still needed: the core client retries a refused connection past rpc_timeout.
 _TIMEOUT_SLACK_SECONDS = 0.5
+# How long before the caller's deadline the server gives up on Temporal, so
+# that its answer (UNAVAILABLE) still reaches the caller.
+_ANSWER_MARGIN_SECONDS = 0.2
 _MIN_TIMEOUT = timedelta(milliseconds=10)
 
 _R = TypeVar("_R")
@@ -412,19 +415,27 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
                 raise errors.OrderStateForbids(call.order_id, None, if_closed) from err
             raise error from err
 
-    def _timeout(self, call: _Call) -> timedelta:
-        """The configured cap, shortened to what is left of the caller's deadline."""
-        timeout = self._config.temporal_rpc_timeout
+    def _budget(self, call: _Call) -> tuple[timedelta, float]:
+        """The rpc_timeout to give temporalio, and our own guard on the whole call, in seconds.
+
+        The configured cap, shortened to what is left of the caller's deadline
+        minus a margin: the server answers UNAVAILABLE (with RetryInfo) while the
+        caller still listens, instead of letting it run into DEADLINE_EXCEEDED.
+        """
+        cap = self._config.temporal_rpc_timeout
+        guard = cap.total_seconds() + _TIMEOUT_SLACK_SECONDS
         remaining = call.context.time_remaining()
         if remaining is not None:
-            timeout = min(timeout, max(timedelta(seconds=remaining), _MIN_TIMEOUT))
-        return timeout
+            guard = min(
+                guard, max(remaining - _ANSWER_MARGIN_SECONDS, _MIN_TIMEOUT.total_seconds())
+            )
+        return min(cap, timedelta(seconds=guard)), guard
 
     async def _temporal(self, call: _Call, operation: Callable[[timedelta], Awaitable[_R]]) -> _R:
-        """Runs one Temporal call under the timeout; TimeoutError if it overruns."""
-        timeout = self._timeout(call)
-        async with asyncio.timeout(timeout.total_seconds() + _TIMEOUT_SLACK_SECONDS):
-            return await operation(timeout)
+        """Runs one Temporal call within the budget; TimeoutError if it overruns."""
+        rpc_timeout, guard = self._budget(call)
+        async with asyncio.timeout(guard):
+            return await operation(rpc_timeout)
 
     # --- Outcome ------------------------------------------------------------
 

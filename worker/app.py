@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # How long a stopping worker lets running activities finish before cancelling
 # them; short, because Temporal retries anything cut off on the next worker.
 GRACEFUL_SHUTDOWN_TIMEOUT = timedelta(seconds=5)
+STICKY_QUEUE_TIMEOUT = timedelta(seconds=3)
 
 
 class ConnectStopped(Exception):
@@ -40,6 +41,9 @@ def build_worker(
         workflows=[OrderWorkflow],
         activities=activities.all(),
         graceful_shutdown_timeout=graceful_shutdown_timeout,
+        # After a worker dies, its cached workflows' tasks (queries among them)
+        # move to the other workers after this instead of the default 10 s.
+        sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
     )
 
 

@@ -70,6 +70,8 @@ STEP_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
 )
 STEP_TIMEOUT = timedelta(seconds=30)
+# The providers heartbeat every second while they work, so a worker that dies
+# mid-call is noticed after this, not after the whole STEP_TIMEOUT.
 STEP_HEARTBEAT = timedelta(seconds=10)
 # Retrying cannot change the warehouse's "out of stock" or the gateway's "declined".
 RESERVE_RETRY = RetryPolicy(
@@ -214,6 +216,7 @@ class OrderWorkflow:
                     OrderActivities.reserve_inventory,
                     ReserveInventoryInput(order.order_id, list(order.items)),
                     start_to_close_timeout=STEP_TIMEOUT,
+                    heartbeat_timeout=STEP_HEARTBEAT,
                     retry_policy=RESERVE_RETRY,
                 )
             )
@@ -264,6 +267,7 @@ class OrderWorkflow:
                 OrderActivities.ship_order,
                 ShipOrderInput(order.order_id, package_id, order.shipping),
                 start_to_close_timeout=STEP_TIMEOUT,
+                heartbeat_timeout=STEP_HEARTBEAT,
                 retry_policy=STEP_RETRY,
             )
         )
@@ -340,6 +344,7 @@ class OrderWorkflow:
                         idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
                     ),
                     start_to_close_timeout=STEP_TIMEOUT,
+                    heartbeat_timeout=STEP_HEARTBEAT,
                     schedule_to_close_timeout=PAYMENT_GIVE_UP,
                     retry_policy=PAYMENT_RETRY,
                 )
@@ -404,6 +409,7 @@ class OrderWorkflow:
                     idempotency_key=f"{self._order.order_id}/refund/{paid.transaction_id}",
                 ),
                 start_to_close_timeout=STEP_TIMEOUT,
+                heartbeat_timeout=STEP_HEARTBEAT,
                 retry_policy=FOREVER_RETRY,
             )
             self._state.refund_info = RefundInfo(
@@ -421,6 +427,7 @@ class OrderWorkflow:
                 OrderActivities.release_inventory,
                 ReleaseInventoryInput(self._order.order_id, reservation),
                 start_to_close_timeout=STEP_TIMEOUT,
+                heartbeat_timeout=STEP_HEARTBEAT,
                 retry_policy=FOREVER_RETRY,
             )
             self._state.inventory_info.released = True
