@@ -88,6 +88,14 @@ def emails(outbox: Path, order_id: str) -> dict[str, str]:
     return found
 
 
+async def reserved(stack: Stack, order_id: str) -> pb.Order:
+    """The order once its inventory is reserved (PENDING alone comes before that)."""
+    return await eventually(
+        lambda: stack.stub.GetOrder(pb.GetOrderRequest(order_id=order_id)),
+        lambda order: bool(order.inventory_info.reservation_id),
+    )
+
+
 async def finished(stack: Stack, order_id: str) -> pb.Order:
     """The order once its workflow has completed (all compensation and emails done)."""
     await stack.client.get_workflow_handle(f"order-{order_id}").result()
@@ -138,7 +146,7 @@ async def test_stock_is_taken_and_given_back(rules: Stack) -> None:
     product = new_product()
     # Two lines of the same product count together.
     first = await rules.stub.CreateOrder(create_request(items=[item(product, 4), item(product, 5)]))
-    await order_reaching(rules, first.order_id, S.ORDER_STATUS_PENDING)
+    await reserved(rules, first.order_id)
     assert rules.activities.stock_level(product) == 1
 
     # Only 1 left: the next order for 2 cannot be reserved.
@@ -156,7 +164,7 @@ async def test_stock_is_taken_and_given_back(rules: Stack) -> None:
 async def test_declined_card_cancels_and_compensates(rules: Stack) -> None:
     product = new_product()
     created = await rules.stub.CreateOrder(create_request(items=[item(product, 2)]))
-    await order_reaching(rules, created.order_id, S.ORDER_STATUS_PENDING)
+    await reserved(rules, created.order_id)
     assert rules.activities.stock_level(product) == 8
 
     await rules.stub.ConfirmPayment(
@@ -325,7 +333,7 @@ async def test_compensation_is_retried_after_the_payment_timeout(
 
 async def test_workflow_cancelled_before_payment_still_emails_the_customer(rules: Stack) -> None:
     created = await rules.stub.CreateOrder(create_request(items=[item(new_product())]))
-    await order_reaching(rules, created.order_id, S.ORDER_STATUS_PENDING)
+    await reserved(rules, created.order_id)
     handle = rules.client.get_workflow_handle(created.workflow_id)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError):
