@@ -46,8 +46,10 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     ORDER_STATUS_DELIVERED: _OrderStatus.ValueType  # 5
     """Delivered to the customer."""
     ORDER_STATUS_CANCELLED: _OrderStatus.ValueType  # 6
-    """Cancelled (by request, or because no payment arrived in time) and
-    compensated: payment refunded if any was captured, inventory released.
+    """Cancelled: by request, because no payment arrived in time, or because
+    the stock or the payment failed. Compensation follows at once (payment
+    refunded if any was captured, inventory released): see `refund_info` and
+    `inventory_info`. WatchOrder ends once it is done.
     """
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
@@ -66,8 +68,10 @@ ORDER_STATUS_SHIPPED: OrderStatus.ValueType  # 4
 ORDER_STATUS_DELIVERED: OrderStatus.ValueType  # 5
 """Delivered to the customer."""
 ORDER_STATUS_CANCELLED: OrderStatus.ValueType  # 6
-"""Cancelled (by request, or because no payment arrived in time) and
-compensated: payment refunded if any was captured, inventory released.
+"""Cancelled: by request, because no payment arrived in time, or because
+the stock or the payment failed. Compensation follows at once (payment
+refunded if any was captured, inventory released): see `refund_info` and
+`inventory_info`. WatchOrder ends once it is done.
 """
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
