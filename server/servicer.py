@@ -234,7 +234,7 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
             request, payment_timeout_seconds=self._config.payment_timeout_seconds
         )
         call.order_id = order_input.order_id
-        total = convert.money_to_proto(validation.order_total(order_input.items))
+        total = convert.money_to_proto(models.order_total(order_input.items))
         try:
             await self._temporal(
                 call,

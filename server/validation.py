@@ -36,7 +36,6 @@ MAX_EMAIL_LENGTH = 254
 MAX_TRANSACTION_ID_LENGTH = 128
 MAX_PAYMENT_METHOD_LENGTH = 64
 MAX_CANCEL_REASON_LENGTH = 500
-DEFAULT_CANCEL_REASON = "Cancelled at the customer's request"
 
 _CUSTOMER_ID = re.compile(r"[A-Za-z0-9._:@-]+")
 _PRODUCT_ID = _CUSTOMER_ID
@@ -125,14 +124,6 @@ def _check_money(v: _Violations, field: str, money: money_pb2.Money) -> Money | 
     return convert.money_from_proto(money) if valid else None
 
 
-def order_total(items: Sequence[models.OrderItem]) -> Money:
-    """The sum of price x quantity, exactly; all items share one currency."""
-    total = Money(items[0].price.currency_code)
-    for item in items:
-        total += item.price.times(item.quantity)
-    return total
-
-
 def _check_item(v: _Violations, index: int, item: pb.OrderItem) -> models.OrderItem | None:
     field = f"items[{index}]"
     errors_before = len(v.items)
@@ -185,7 +176,7 @@ def _check_items(v: _Violations, items: Sequence[pb.OrderItem]) -> list[models.O
     valid = [item for item in checked if item is not None]
     if len(v.items) > errors_before:
         return valid  # a total of invalid items means nothing
-    total = order_total(valid)
+    total = models.order_total(valid)
     if total.total_nanos <= 0:
         v.add("items", "The order total must be greater than zero.", "OUT_OF_RANGE")
     elif total.total_nanos > MAX_ORDER_TOTAL_UNITS * NANOS_PER_UNIT:
@@ -335,7 +326,7 @@ def validate_cancel_order(request: pb.CancelOrderRequest) -> tuple[str, models.C
         allowed_controls=_MULTILINE_ALLOWED,
     )
     v.raise_if_any()
-    reason = request.reason.strip() or DEFAULT_CANCEL_REASON
+    reason = request.reason.strip() or models.DEFAULT_CANCEL_REASON
     return request.order_id, models.CancelRequest(reason=reason)
 
 

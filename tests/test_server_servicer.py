@@ -34,7 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from server import ids, validation
+from server import ids
 from server.app import OrderServer, start_server
 from server.config import ServerConfig
 from server.health import TemporalHealthProber, new_health_servicer
@@ -137,7 +137,7 @@ class FakeTemporal:
                 items=arg.items,
                 shipping=arg.shipping,
                 status=models.OrderStatus.PENDING,
-                total_amount=validation.order_total(arg.items),
+                total_amount=models.order_total(arg.items),
                 created_at=NOW,
                 updated_at=NOW,
                 request_fingerprint=arg.request_fingerprint,

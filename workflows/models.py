@@ -8,6 +8,7 @@ signal --input` takes and what `temporal workflow query` prints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -29,6 +30,10 @@ GET_ESTIMATED_DELIVERY_QUERY = "get_estimated_delivery"
 # Error types of activity failures that retrying cannot fix.
 OUT_OF_STOCK_ERROR = "OutOfStock"
 PAYMENT_DECLINED_ERROR = "PaymentDeclined"
+
+
+# The reason a cancel without one is given, by the server and the signal alike.
+DEFAULT_CANCEL_REASON = "Cancelled at the customer's request"
 
 
 def workflow_id_for(order_id: str) -> str:
@@ -62,6 +67,14 @@ class OrderItem:
     product_name: str
     quantity: int
     price: Money
+
+
+def order_total(items: Sequence[OrderItem]) -> Money:
+    """The sum of price x quantity, exactly; all items share one currency."""
+    total = Money(items[0].price.currency_code)
+    for item in items:
+        total += item.price.times(item.quantity)
+    return total
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.models import (
         CANCEL_ORDER_SIGNAL,
         CONFIRM_PAYMENT_SIGNAL,
+        DEFAULT_CANCEL_REASON,
         GET_ESTIMATED_DELIVERY_QUERY,
         GET_FULL_STATE_QUERY,
         GET_ORDER_STATUS_QUERY,
@@ -51,8 +52,8 @@ with workflow.unsafe.imports_passed_through():
         ReserveInventoryInput,
         ShipmentInfo,
         ShipOrderInput,
+        order_total,
     )
-    from workflows.money import Money
 
 _T = TypeVar("_T")
 
@@ -118,9 +119,6 @@ class OrderWorkflow:
     @workflow.init
     def __init__(self, order: OrderInput) -> None:
         now = workflow.now()
-        total = Money(order.items[0].price.currency_code)
-        for item in order.items:
-            total = total + item.price.times(item.quantity)
         self._order = order
         self._state = OrderState(
             order_id=order.order_id,
@@ -129,7 +127,7 @@ class OrderWorkflow:
             items=list(order.items),
             shipping=order.shipping,
             status=OrderStatus.PENDING,
-            total_amount=total,
+            total_amount=order_total(order.items),
             created_at=now,
             updated_at=now,
             request_fingerprint=order.request_fingerprint,
@@ -172,7 +170,7 @@ class OrderWorkflow:
         if self._handed_to_carrier or not self._state.status.can_cancel:
             workflow.logger.warning("Cancellation refused: order is %s", self._state.status.value)
             return
-        self._cancel = CancelRequest(request.reason or "Cancelled at the customer's request")
+        self._cancel = CancelRequest(request.reason or DEFAULT_CANCEL_REASON)
 
     # --- Queries: read-only, answered even after the workflow has closed ----
 
