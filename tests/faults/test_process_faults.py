@@ -24,18 +24,20 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 import temporalio.api.enums.v1 as enums
+from temporalio.client import WorkflowExecutionStatus
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.ledger import EffectKind, Ledger
 from tests.conftest import LAPTOP_PRICE, create_request
+from workflows.models import workflow_id_for
 from tests.faults import harness
 from tests.faults.harness import (
     CallStats,
@@ -242,10 +244,37 @@ async def refund_ids(ledger: Ledger) -> dict[str, str]:
     return {e.order_id: e.result for e in await ledger.effects(EffectKind.REFUND)}
 
 
+async def all_closed(cluster: Cluster, order_ids: Iterable[str], *, within: float) -> None:
+    """Until Temporal reports every order's workflow as completed."""
+    temporal = await cluster.client()
+    completed = WorkflowExecutionStatus.COMPLETED
+
+    async def closed(order_id: str) -> None:
+        handle = temporal.get_workflow_handle(workflow_id_for(order_id))
+        await poll(
+            handle.describe,
+            lambda d: d.status == completed,
+            within=within,
+            interval=0.5,
+            what=f"{order_id}'s workflow completed",
+        )
+
+    await asyncio.gather(*(closed(o) for o in order_ids))
+
+
 async def verify(
     cluster: Cluster, client: FailoverClient, outcomes: dict[str, Outcome], figures: Figures
 ) -> LedgerAudit:
-    """Every order shows its expected end state, and the ledger holds exactly its effects."""
+    """Every order shows its expected end state, and the ledger holds exactly its effects.
+
+    A terminal status comes before the workflow closes: the workflow still waits
+    for its last emails, and an email that was on a killed worker is retried only
+    after its start-to-close timeout. So the audit starts once every workflow has
+    closed, which is the moment the workflow promises all its effects are done.
+    """
+    began = monotonic()
+    await all_closed(cluster, outcomes, within=120)
+    figures.add("every workflow closed, all its emails sent, after", since(began))
     ledger = cluster.ledger
     orders = {o: await client.get(o) for o in outcomes}
     problems = check_final_states(orders, outcomes, await refund_ids(ledger))
