@@ -37,7 +37,6 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.ledger import EffectKind, Ledger
 from tests.conftest import LAPTOP_PRICE, create_request
-from workflows.models import workflow_id_for
 from tests.faults import harness
 from tests.faults.harness import (
     CallStats,
@@ -52,6 +51,7 @@ from tests.faults.harness import (
     open_cluster,
     poll,
 )
+from workflows.models import workflow_id_for
 
 SERVING = 1
 NOT_SERVING = 2
