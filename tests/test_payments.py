@@ -1,21 +1,34 @@
 """Money that an order cannot take is never kept; the same transaction counts once.
 
-Through gRPC the server refuses such payments up front with a clear status.
-Signals sent straight to Temporal (as `temporal workflow signal` does) skip
-the server, so the workflow checks every payment again itself and records
-each one it refused.
+Through gRPC a payment is the workflow's `submit_payment` update: its
+validator refuses what the order cannot take, and the caller gets a clear
+status. Signals sent straight to Temporal (as `temporal workflow signal`
+does) have no caller to answer, so the workflow records each one it refused.
 """
 
 from __future__ import annotations
+
+import time
+import uuid
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.conftest import LAPTOP_PRICE, Stack, create_request, money, order_reaching
-from workflows.models import CONFIRM_PAYMENT_SIGNAL, PaymentRequest
+from server.app import start_server
+from server.config import ServerConfig
+from tests.conftest import (
+    LAPTOP_PRICE,
+    Stack,
+    async_stub,
+    create_request,
+    money,
+    order_reaching,
+)
+from workflows.models import CONFIRM_PAYMENT_SIGNAL, SUBMIT_PAYMENT_UPDATE, PaymentRequest
 from workflows.money import Money
 
 S = pb.OrderStatus
@@ -141,3 +154,57 @@ async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
     assert not order.HasField("payment_info")
     assert [r.transaction_id for r in order.rejected_payments] == ["TXN-AFTER"]
     assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-AFTER") == 0
+
+
+async def test_writes_are_updates_and_refusals_leave_no_history(stack: Stack) -> None:
+    """One update per accepted write, named in history for the UI; a refused one writes nothing."""
+    created = await stack.stub.CreateOrder(create_request())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-LOW", money(1)))
+    first = await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-1"))
+    again = await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-1"))
+    assert "already recorded" not in first.message
+    assert "already recorded" in again.message
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+    await handle.result()
+
+    accepted = [
+        event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+        async for event in handle.fetch_history_events()
+        if event.HasField("workflow_execution_update_accepted_event_attributes")
+    ]
+    assert accepted == [SUBMIT_PAYMENT_UPDATE, SUBMIT_PAYMENT_UPDATE]
+    order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+    assert list(order.rejected_payments) == []  # TXN-LOW was refused before history
+    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-1") == 1
+
+
+async def test_a_write_with_no_worker_is_unavailable_before_the_deadline(
+    temporal: WorkflowEnvironment,
+) -> None:
+    """An update needs a worker to run it: without one the caller hears UNAVAILABLE in time."""
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        temporal_address=temporal.client.service_client.config.target_host,
+        task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
+    )
+    server = await start_server(config, client=temporal.client)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = async_stub(channel)
+            created = await stub.CreateOrder(create_request())  # a start needs no worker
+            for call in (
+                lambda: stub.ConfirmPayment(pay(created.order_id, "TXN-1"), timeout=2),
+                lambda: stub.CancelOrder(
+                    pb.CancelOrderRequest(order_id=created.order_id), timeout=2
+                ),
+            ):
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call()
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - started < 2
+        await temporal.client.get_workflow_handle(created.workflow_id).terminate("test over")
+    finally:
+        await server.stop(grace=1.0)

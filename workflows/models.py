@@ -25,6 +25,12 @@ CANCEL_ORDER_SIGNAL = "cancel_order"
 GET_ORDER_STATUS_QUERY = "get_order_status"
 GET_FULL_STATE_QUERY = "get_full_state"
 GET_ESTIMATED_DELIVERY_QUERY = "get_estimated_delivery"
+# The gRPC API's writes: updates of the same handlers, so one call both delivers
+# the message and answers whether the order took it (docs/decisions/0009).
+SUBMIT_PAYMENT_UPDATE = "submit_payment"
+REQUEST_CANCELLATION_UPDATE = "request_cancellation"
+# Why an update was refused (the ApplicationError type its validator raises).
+UPDATE_REFUSED_ERROR = "UpdateRefused"
 
 
 # Error types of activity failures that retrying cannot fix.
@@ -116,6 +122,15 @@ class CancelRequest:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class UpdateResult:
+    """What the `submit_payment` and `request_cancellation` updates answer."""
+
+    status: OrderStatus
+    # True when this very payment or a cancellation had already been recorded.
+    already_recorded: bool = False
+
+
 @dataclass
 class PaymentInfo:
     transaction_id: str
@@ -179,6 +194,77 @@ class OrderState:
     inventory_info: InventoryInfo = field(default_factory=InventoryInfo)
     rejected_payments: list[RejectedPayment] = field(default_factory=list)
     delivered_at: datetime | None = None
+
+
+# --- What an order accepts ----------------------------------------------------
+# The workflow applies these rules to every payment and cancellation, whichever
+# way it arrives (update or signal); the server applies them to a closed order,
+# which no longer runs its handlers.
+
+
+class RefusalKind(StrEnum):
+    """Why an order refuses a payment or a cancellation."""
+
+    PREVIOUSLY_REFUSED = "PREVIOUSLY_REFUSED"
+    ALREADY_PAID = "ALREADY_PAID"
+    NOT_PAYABLE = "NOT_PAYABLE"
+    AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
+    NOT_CANCELLABLE = "NOT_CANCELLABLE"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: RefusalKind
+    # One sentence for people: the update's error, or a rejected payment's reason.
+    reason: str
+
+
+def payment_refusal(
+    state: OrderState, payment: PaymentRequest, cancel: CancelRequest | None
+) -> Refusal | None:
+    """Why the order cannot take this payment, or None if it can (or already has)."""
+    accepted = state.payment_info
+    if accepted is not None and accepted.transaction_id == payment.transaction_id:
+        return None  # the same transaction again: processed once
+    refused = next(
+        (r for r in state.rejected_payments if r.transaction_id == payment.transaction_id), None
+    )
+    if refused is not None:
+        return Refusal(RefusalKind.PREVIOUSLY_REFUSED, refused.reason)
+    if accepted is not None:
+        return Refusal(
+            RefusalKind.ALREADY_PAID,
+            f"Order is already paid by transaction {accepted.transaction_id}",
+        )
+    if cancel is not None:
+        return Refusal(
+            RefusalKind.NOT_PAYABLE, f"Order was cancelled ({cancel.reason}) and takes no payment"
+        )
+    if state.status != OrderStatus.PENDING:
+        return Refusal(
+            RefusalKind.NOT_PAYABLE, f"Order is {state.status.value} and takes no payment"
+        )
+    total = state.total_amount
+    if payment.amount.currency_code != total.currency_code:
+        return Refusal(
+            RefusalKind.AMOUNT_MISMATCH,
+            f"Currency {payment.amount.currency_code} does not match the order's {total}",
+        )
+    if payment.amount.total_nanos != total.total_nanos:
+        return Refusal(
+            RefusalKind.AMOUNT_MISMATCH,
+            f"Amount {payment.amount} does not equal the order total {total}",
+        )
+    return None
+
+
+def cancellation_refusal(status: OrderStatus, *, handed_to_carrier: bool) -> Refusal | None:
+    """Why the order can no longer be cancelled, or None if it can."""
+    if handed_to_carrier or not status.can_cancel:
+        return Refusal(
+            RefusalKind.NOT_CANCELLABLE, f"Order is {status.value} and cannot be cancelled"
+        )
+    return None
 
 
 # --- Activity inputs and results ---------------------------------------------

@@ -4,8 +4,8 @@
        │                               │                  │
        └──── cancel_order / payment timeout / payment failure ──▶ cancelled (compensated)
 
-Signals only record what arrived; the run loop below acts on it between
-steps, so every decision happens at one deterministic place in history.
+Signals and updates only record what arrived; the run loop below acts on it
+between steps, so every decision happens at one deterministic place in history.
 Cancellation is possible until the order is handed to the carrier.
 """
 
@@ -33,6 +33,9 @@ with workflow.unsafe.imports_passed_through():
         GET_ORDER_STATUS_QUERY,
         OUT_OF_STOCK_ERROR,
         PAYMENT_DECLINED_ERROR,
+        REQUEST_CANCELLATION_UPDATE,
+        SUBMIT_PAYMENT_UPDATE,
+        UPDATE_REFUSED_ERROR,
         WORKFLOW_NAME,
         CancelRequest,
         ChargePaymentInput,
@@ -47,12 +50,16 @@ with workflow.unsafe.imports_passed_through():
         PrepareShipmentInput,
         RefundInfo,
         RefundPaymentInput,
+        Refusal,
         RejectedPayment,
         ReleaseInventoryInput,
         ReserveInventoryInput,
         ShipmentInfo,
         ShipOrderInput,
+        UpdateResult,
+        cancellation_refusal,
         order_total,
+        payment_refusal,
     )
 
 _T = TypeVar("_T")
@@ -106,6 +113,18 @@ def _failure_message(err: ActivityError) -> str:
     return err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
 
 
+def _raise_refusal(refusal: Refusal | None, state: OrderState) -> None:
+    """Rejects an update: the caller gets the kind, the order's status and the reason."""
+    if refusal is not None:
+        raise ApplicationError(
+            refusal.reason,
+            refusal.kind.value,
+            state.status.value,
+            type=UPDATE_REFUSED_ERROR,
+            non_retryable=True,
+        )
+
+
 def _describe_timeout(seconds: int) -> str:
     if seconds % 3600 == 0:
         return f"{seconds // 3600} h"
@@ -145,12 +164,14 @@ class OrderWorkflow:
         self._emails: list[Awaitable[Any]] = []
 
     # --- Signals: record, validate, never block ------------------------------
+    # The seed's interface, kept for the CLI and other producers: what the order
+    # refuses is recorded (rejected_payments) or logged, never raised.
 
     @workflow.signal(name=CONFIRM_PAYMENT_SIGNAL)
     def confirm_payment(self, payment: PaymentRequest) -> None:
         if self._is_known_transaction(payment.transaction_id):
             return  # the same transaction twice is processed once
-        refusal = self._payment_refusal(payment)
+        refusal = payment_refusal(self._state, payment, self._cancel)
         if refusal is None:
             self._state.payment_info = PaymentInfo(
                 transaction_id=payment.transaction_id,
@@ -160,17 +181,49 @@ class OrderWorkflow:
             )
             self._touch()
             return
-        workflow.logger.warning("Payment %s refused: %s", payment.transaction_id, refusal)
-        self._reject_payment(payment, refusal)
+        workflow.logger.warning("Payment %s refused: %s", payment.transaction_id, refusal.reason)
+        self._reject_payment(payment, refusal.reason)
 
     @workflow.signal(name=CANCEL_ORDER_SIGNAL)
     def cancel_order(self, request: CancelRequest) -> None:
         if self._cancel is not None:
             return
-        if self._handed_to_carrier or not self._state.status.can_cancel:
-            workflow.logger.warning("Cancellation refused: order is %s", self._state.status.value)
+        refusal = cancellation_refusal(
+            self._state.status, handed_to_carrier=self._handed_to_carrier
+        )
+        if refusal is not None:
+            workflow.logger.warning("Cancellation refused: %s", refusal.reason)
             return
         self._cancel = CancelRequest(request.reason or DEFAULT_CANCEL_REASON)
+
+    # --- Updates: the same messages, answered in the same call ---------------
+    # The gRPC API's writes (docs/decisions/0009). A validator refuses what the
+    # order cannot take before anything is written to history; the handler then
+    # does what the signal does.
+
+    @workflow.update(name=SUBMIT_PAYMENT_UPDATE)
+    def submit_payment(self, payment: PaymentRequest) -> UpdateResult:
+        already = self._is_known_transaction(payment.transaction_id)
+        self.confirm_payment(payment)
+        return UpdateResult(self._state.status, already_recorded=already)
+
+    @submit_payment.validator
+    def _validate_payment(self, payment: PaymentRequest) -> None:
+        _raise_refusal(payment_refusal(self._state, payment, self._cancel), self._state)
+
+    @workflow.update(name=REQUEST_CANCELLATION_UPDATE)
+    def request_cancellation(self, request: CancelRequest) -> UpdateResult:
+        already = self._cancel is not None
+        self.cancel_order(request)
+        return UpdateResult(self._state.status, already_recorded=already)
+
+    @request_cancellation.validator
+    def _validate_cancellation(self, request: CancelRequest) -> None:
+        if self._cancel is None or self._state.status == OrderStatus.CANCELLED:
+            refusal = cancellation_refusal(
+                self._state.status, handed_to_carrier=self._handed_to_carrier
+            )
+            _raise_refusal(refusal, self._state)
 
     # --- Queries: read-only, answered even after the workflow has closed ----
 
@@ -447,22 +500,6 @@ class OrderWorkflow:
         if paid is not None and paid.transaction_id == transaction_id:
             return True
         return any(r.transaction_id == transaction_id for r in self._state.rejected_payments)
-
-    def _payment_refusal(self, payment: PaymentRequest) -> str | None:
-        """Why this payment cannot be taken, or None if it can."""
-        accepted = self._state.payment_info
-        if accepted is not None:
-            return f"Order is already paid by transaction {accepted.transaction_id}"
-        if self._cancel is not None:
-            return f"Order was cancelled ({self._cancel.reason}) and takes no payment"
-        if self._state.status != OrderStatus.PENDING:
-            return f"Order is {self._state.status.value} and takes no payment"
-        total = self._state.total_amount
-        if payment.amount.currency_code != total.currency_code:
-            return f"Currency {payment.amount.currency_code} does not match the order's {total}"
-        if payment.amount.total_nanos != total.total_nanos:
-            return f"Amount {payment.amount} does not equal the order total {total}"
-        return None
 
     def _reject_payment(self, payment: PaymentRequest | PaymentInfo, reason: str) -> None:
         if len(self._state.rejected_payments) >= MAX_REJECTED_PAYMENTS:
