@@ -24,11 +24,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from temporalio.client import (
-    WorkflowQueryFailedError,
-    WorkflowQueryRejectedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
-)
+from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -289,8 +285,7 @@ def translate(exc: BaseException, *, order_id: str = "") -> ServiceError:
         return exc
     if isinstance(exc, RPCError):
         return _translate_rpc_error(exc, order_id)
-    if isinstance(exc, TimeoutError | WorkflowUpdateRPCTimeoutOrCancelledError):
-        # An update waits for a worker to run it, so "no worker" looks like this too.
+    if isinstance(exc, TimeoutError):
         # Our own cap on a Temporal call (asyncio.timeout): the core client's
         # retries of a refused connection outlast its per-attempt rpc_timeout.
         return TemporalUnavailable(TIMEOUT_MESSAGE)

@@ -1,12 +1,14 @@
 """The OrderService RPCs: validate, call Temporal, convert. No order state lives here.
 
 Each order is one workflow, and the workflow is the only source of truth:
-writes are its updates, reads its queries. ConfirmPayment and CancelOrder are
-one update call each: the workflow's validator refuses what the order cannot
-take (FAILED_PRECONDITION, a wrong amount) before anything reaches history, so
-the answer is the workflow's own decision, with no race
-(docs/decisions/0009-updates-for-the-api-writes.md). The seed's signals remain
-for the CLI and other producers.
+writes are its signals, reads its queries. ConfirmPayment and CancelOrder
+query before signalling only to answer clearly (FAILED_PRECONDITION, a wrong
+amount) instead of sending a signal the workflow would ignore; both sides
+apply the same rules (workflows/models.py: payment_refusal,
+cancellation_refusal), and the workflow checks every signal again itself, so
+a race between the query and the signal never costs money: the workflow
+records what it refused in the order's state (docs/decisions/0001). Why not
+one workflow Update instead: docs/decisions/0009.
 
 Two reads are not queries of one workflow: ListOrders reads Temporal's
 visibility store (server/listing.py, docs/decisions/0007), and WatchOrder
@@ -24,9 +26,9 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 import grpc
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from acme.orders.v1 import order_service_pb2 as pb
@@ -91,28 +93,8 @@ class _Call:
         return models.workflow_id_for(self.order_id) if self.order_id else ""
 
 
-class _Refused(Exception):
-    """The workflow's validator refused an update: why, and the order's status then."""
-
-    def __init__(self, refusal: models.Refusal, status: models.OrderStatus) -> None:
-        super().__init__(refusal.reason)
-        self.refusal = refusal
-        self.status = status
-
-    @classmethod
-    def from_failure(cls, cause: BaseException) -> _Refused | None:
-        """Reads the workflow's _raise_refusal error; None if the failure is another one."""
-        if not isinstance(cause, ApplicationError) or cause.type != models.UPDATE_REFUSED_ERROR:
-            return None
-        kind, status = cause.details
-        return cls(
-            models.Refusal(models.RefusalKind(kind), cause.message),
-            models.OrderStatus(status),
-        )
-
-
-def _closed_cancel(state: models.OrderState) -> models.CancelRequest | None:
-    """What a closed order's cancel request was, as far as paying it is concerned."""
+def _cancel_of(state: models.OrderState) -> models.CancelRequest | None:
+    """The order's cancellation, as far as its state shows one."""
     if state.status != models.OrderStatus.CANCELLED:
         return None
     return models.CancelRequest(state.cancellation_reason or "")
@@ -124,7 +106,7 @@ def _payment_error(
     status: models.OrderStatus,
     refusal: models.Refusal,
 ) -> errors.ServiceError:
-    """The status a refused payment gets: what the order's rules said, for the caller."""
+    """The status a refused payment gets: the workflow's own rule, said for the caller."""
     kind = refusal.kind
     if kind == models.RefusalKind.AMOUNT_MISMATCH:
         return errors.InvalidArgument(
@@ -134,7 +116,10 @@ def _payment_error(
     if kind == models.RefusalKind.PREVIOUSLY_REFUSED:
         why = f"refused transaction {payment.transaction_id}: {refusal.reason.rstrip('.')}"
         return errors.OrderStateForbids(order_id, status, why)
-    default = "is being cancelled and takes no payment"
+    if kind == models.RefusalKind.ALREADY_PAID:
+        default = "is already paid by another transaction"
+    else:
+        default = "cannot be paid"
     return errors.OrderStateForbids(order_id, status, _CANNOT_PAY.get(status, default))
 
 
@@ -301,30 +286,27 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
     ) -> pb.ConfirmPaymentResponse:
         order_id, payment = validation.validate_confirm_payment(request)
         call.order_id = order_id
-        try:
-            result = await self._update(call, models.SUBMIT_PAYMENT_UPDATE, payment)
-        except errors.OrderNotFound:
-            # Closed (or unknown: then the query says NOT_FOUND): a closed order
-            # runs no handlers, so its final state answers instead.
-            state = await self._query_state(call)
-            accepted = state.payment_info
-            if accepted is None or accepted.transaction_id != payment.transaction_id:
-                refusal = models.payment_refusal(state, payment, _closed_cancel(state))
-                if refusal is None:  # e.g. terminated while pending
-                    why = "closed before the payment arrived (it was cancelled or timed out)"
-                    raise errors.OrderStateForbids(order_id, state.status, why) from None
-                raise _payment_error(order_id, payment, state.status, refusal) from None
-            result = models.UpdateResult(state.status, already_recorded=True)
-        except _Refused as refused:
-            raise _payment_error(order_id, payment, refused.status, refused.refusal) from None
+        state = await self._query_state(call)
+        accepted = state.payment_info
+        if accepted is not None and accepted.transaction_id == payment.transaction_id:
+            return pb.ConfirmPaymentResponse(
+                order_id=order_id,
+                status=convert.status_to_proto(state.status),
+                message=PAYMENT_ALREADY_RECORDED_MESSAGE,
+            )
+        refusal = models.payment_refusal(state, payment, _cancel_of(state))
+        if refusal is not None:
+            raise _payment_error(order_id, payment, state.status, refusal)
+        await self._signal(
+            call,
+            models.CONFIRM_PAYMENT_SIGNAL,
+            payment,
+            if_closed="closed before the payment arrived (it was cancelled or timed out)",
+        )
         return pb.ConfirmPaymentResponse(
             order_id=order_id,
-            status=convert.status_to_proto(result.status),
-            message=(
-                PAYMENT_ALREADY_RECORDED_MESSAGE
-                if result.already_recorded
-                else PAYMENT_RECEIVED_MESSAGE
-            ),
+            status=convert.status_to_proto(state.status),
+            message=PAYMENT_RECEIVED_MESSAGE,
         )
 
     async def _cancel_order(
@@ -332,16 +314,20 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
     ) -> pb.CancelOrderResponse:
         order_id, cancel = validation.validate_cancel_order(request)
         call.order_id = order_id
-        try:
-            result = await self._update(call, models.REQUEST_CANCELLATION_UPDATE, cancel)
-        except errors.OrderNotFound:
-            state = await self._query_state(call)
-            raise _cannot_cancel(order_id, state.status) from None
-        except _Refused as refused:
-            raise _cannot_cancel(order_id, refused.status) from None
+        state = await self._query_state(call)
+        # Whether the parcel is being handed over is the workflow's to know: it
+        # refuses such a late cancel itself (docs/decisions/0006).
+        if models.cancellation_refusal(state.status, handed_to_carrier=False) is not None:
+            raise _cannot_cancel(order_id, state.status)
+        await self._signal(
+            call,
+            models.CANCEL_ORDER_SIGNAL,
+            cancel,
+            if_closed="closed before the cancellation arrived",
+        )
         return pb.CancelOrderResponse(
             order_id=order_id,
-            status=convert.status_to_proto(result.status),
+            status=convert.status_to_proto(state.status),
             message=CANCELLATION_REQUESTED_MESSAGE,
         )
 
@@ -412,27 +398,18 @@ class OrderServiceServicer(pb_grpc.OrderServiceServicer):
         )
         return state
 
-    async def _update(self, call: _Call, update: str, arg: object) -> models.UpdateResult:
-        """Runs one of the workflow's updates: _Refused if its validator says no.
-
-        OrderNotFound for a closed workflow too: Temporal answers both the same way.
-        """
+    async def _signal(self, call: _Call, signal: str, arg: object, *, if_closed: str) -> None:
+        """Sends a signal; a workflow that closed since the query is FAILED_PRECONDITION."""
         handle = self._handle(call)
         try:
-            result: models.UpdateResult = await self._temporal(
-                call,
-                lambda timeout: handle.execute_update(
-                    update, arg, result_type=models.UpdateResult, rpc_timeout=timeout
-                ),
+            await self._temporal(
+                call, lambda timeout: handle.signal(signal, arg, rpc_timeout=timeout)
             )
-        except WorkflowUpdateFailedError as err:
-            refused = _Refused.from_failure(err.cause)
-            if refused is None:
-                raise
-            raise refused from err
         except RPCError as err:
-            raise errors.translate(err, order_id=call.order_id) from err
-        return result
+            error = errors.translate(err, order_id=call.order_id)
+            if isinstance(error, errors.OrderNotFound):
+                raise errors.OrderStateForbids(call.order_id, None, if_closed) from err
+            raise error from err
 
     def _budget(self, call: _Call) -> tuple[timedelta, float]:
         """The rpc_timeout to give temporalio, and our own guard on the whole call, in seconds.

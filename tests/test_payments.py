@@ -1,9 +1,9 @@
 """Money that an order cannot take is never kept; the same transaction counts once.
 
-Through gRPC a payment is the workflow's `submit_payment` update: its
-validator refuses what the order cannot take, and the caller gets a clear
-status. Signals sent straight to Temporal (as `temporal workflow signal`
-does) have no caller to answer, so the workflow records each one it refused.
+Through gRPC the server refuses such payments up front with a clear status.
+Signals sent straight to Temporal (as `temporal workflow signal` does) skip
+the server, so the workflow checks every payment again itself and records
+each one it refused.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.conftest import (
     money,
     order_reaching,
 )
-from workflows.models import CONFIRM_PAYMENT_SIGNAL, SUBMIT_PAYMENT_UPDATE, PaymentRequest
+from workflows.models import CONFIRM_PAYMENT_SIGNAL, PaymentRequest
 from workflows.money import Money
 
 S = pb.OrderStatus
@@ -156,33 +156,33 @@ async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
     assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-AFTER") == 0
 
 
-async def test_writes_are_updates_and_refusals_leave_no_history(stack: Stack) -> None:
-    """One update per accepted write, named in history for the UI; a refused one writes nothing."""
+async def test_refused_and_repeated_payments_write_nothing_to_history(stack: Stack) -> None:
+    """The query before the signal keeps what the order would refuse out of its history."""
     created = await stack.stub.CreateOrder(create_request())
     with pytest.raises(grpc.aio.AioRpcError):
         await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-LOW", money(1)))
     first = await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-1"))
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+    await handle.result()
     again = await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-1"))
     assert "already recorded" not in first.message
     assert "already recorded" in again.message
-    handle = stack.client.get_workflow_handle(created.workflow_id)
-    await handle.result()
 
-    accepted = [
-        event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+    signalled = [
+        event.workflow_execution_signaled_event_attributes.signal_name
         async for event in handle.fetch_history_events()
-        if event.HasField("workflow_execution_update_accepted_event_attributes")
+        if event.HasField("workflow_execution_signaled_event_attributes")
     ]
-    assert accepted == [SUBMIT_PAYMENT_UPDATE, SUBMIT_PAYMENT_UPDATE]
+    assert signalled == [CONFIRM_PAYMENT_SIGNAL]
     order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
-    assert list(order.rejected_payments) == []  # TXN-LOW was refused before history
+    assert list(order.rejected_payments) == []
     assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-1") == 1
 
 
 async def test_a_write_with_no_worker_is_unavailable_before_the_deadline(
     temporal: WorkflowEnvironment,
 ) -> None:
-    """An update needs a worker to run it: without one the caller hears UNAVAILABLE in time."""
+    """The query before the signal needs a worker: without one, UNAVAILABLE in time."""
     config = ServerConfig(
         host="127.0.0.1",
         port=0,

@@ -91,14 +91,6 @@ def signals(events: Sequence[HistoryEvent]) -> list[str]:
     ]
 
 
-def updates(events: Sequence[HistoryEvent]) -> list[str]:
-    return [
-        e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
-        for e in events
-        if e.HasField("workflow_execution_update_accepted_event_attributes")
-    ]
-
-
 def has(events: Sequence[HistoryEvent], attributes: str) -> bool:
     return any(e.HasField(attributes) for e in events)  # type: ignore[arg-type]
 
@@ -149,12 +141,6 @@ PATH_EVIDENCE: dict[str, Callable[[Sequence[HistoryEvent]], bool]] = {
     ),
     "transient_failures_retried": lambda ev: (
         retried(ev) and "deliver_order" in activities_scheduled(ev) and has(ev, COMPLETED)
-    ),
-    "updates_paid_then_cancelled": lambda ev: (
-        updates(ev) == ["submit_payment", "submit_payment", "request_cancellation"]
-        and not signals(ev)
-        and {"charge_payment", "refund_payment", "release_inventory"}
-        <= set(activities_scheduled(ev))
     ),
     "workflow_cancelled": lambda ev: (
         has(ev, "workflow_execution_cancel_requested_event_attributes")

@@ -27,9 +27,9 @@ from google.rpc import error_details_pb2, status_pb2
 from google.type.money_pb2 import Money as PbMoney
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
@@ -53,9 +53,7 @@ NOW = datetime(2025, 1, 31, 14, 30, 22, tzinfo=UTC)
 @dataclass
 class FakeWorkflow:
     state: models.OrderState
-    # The updates the workflow accepted, in order.
-    updates: list[tuple[str, object]] = field(default_factory=list)
-    cancel: models.CancelRequest | None = None
+    signals: list[tuple[str, object]] = field(default_factory=list)
     closed: bool = False
 
 
@@ -77,39 +75,13 @@ class FakeHandle:
             return state.estimated_delivery
         raise AssertionError(f"unexpected query {query}")
 
-    async def execute_update(
-        self,
-        update: str,
-        arg: object,
-        *,
-        result_type: object = None,
-        rpc_timeout: timedelta | None = None,
-    ) -> models.UpdateResult:
-        """What the workflow's validators and handlers decide, on the fake's state."""
-        workflow = await self._temporal.call("update", rpc_timeout, self._workflow_id)
+    async def signal(
+        self, signal: str, arg: object, *, rpc_timeout: timedelta | None = None
+    ) -> None:
+        workflow = await self._temporal.call("signal", rpc_timeout, self._workflow_id)
         if workflow.closed:
             raise RPCError("workflow execution already completed", RPCStatusCode.NOT_FOUND, b"")
-        state = workflow.state
-        if update == models.SUBMIT_PAYMENT_UPDATE:
-            assert isinstance(arg, models.PaymentRequest)
-            refusal = models.payment_refusal(state, arg, workflow.cancel)
-            already = state.payment_info is not None
-        else:
-            assert update == models.REQUEST_CANCELLATION_UPDATE
-            refusal = models.cancellation_refusal(state.status, handed_to_carrier=False)
-            already = workflow.cancel is not None
-        if refusal is not None:
-            raise WorkflowUpdateFailedError(
-                ApplicationError(
-                    refusal.reason,
-                    refusal.kind.value,
-                    state.status.value,
-                    type=models.UPDATE_REFUSED_ERROR,
-                )
-            )
-        if not already:
-            workflow.updates.append((update, arg))
-        return models.UpdateResult(state.status, already_recorded=already)
+        workflow.signals.append((signal, arg))
 
 
 class FakeTemporal:
@@ -349,15 +321,15 @@ async def test_a_taken_random_order_id_is_already_exists(
 # --- ConfirmPayment -----------------------------------------------------------------------
 
 
-async def test_payment_is_one_update(harness: Harness) -> None:
+async def test_payment_is_signalled(harness: Harness) -> None:
     created = await create(harness)
     reply = await harness.stub.ConfirmPayment(pay(created.order_id))
     assert reply.order_id == created.order_id
     assert reply.status == pb.ORDER_STATUS_PENDING
     assert reply.message == "Payment received. The order is being processed."
-    assert harness.temporal.order(created.order_id).updates == [
+    assert harness.temporal.order(created.order_id).signals == [
         (
-            models.SUBMIT_PAYMENT_UPDATE,
+            models.CONFIRM_PAYMENT_SIGNAL,
             models.PaymentRequest("TXN-1", Money("USD", 2999, 970_000_000), "card"),
         )
     ]
@@ -367,7 +339,7 @@ async def test_payment_is_one_update(harness: Harness) -> None:
     "amount",
     [money(2999, 960_000_000), money(2999, 970_000_000, "EUR"), money(3000)],
 )
-async def test_a_wrong_amount_is_refused_by_the_validator(
+async def test_a_wrong_amount_is_refused_before_the_signal(
     harness: Harness, amount: PbMoney
 ) -> None:
     created = await create(harness)
@@ -377,10 +349,10 @@ async def test_a_wrong_amount_is_refused_by_the_validator(
     assert violated_fields(caught.value) == {"amount"}
     assert "USD 2999.97" in (caught.value.details() or "")
     assert reason(caught.value) == "PAYMENT_AMOUNT_MISMATCH"
-    assert harness.temporal.order(created.order_id).updates == []
+    assert harness.temporal.order(created.order_id).signals == []
 
 
-async def test_the_same_transaction_again_is_ok_and_recorded_once(harness: Harness) -> None:
+async def test_the_same_transaction_again_is_ok_without_a_signal(harness: Harness) -> None:
     created = await create(harness)
     state = harness.temporal.order(created.order_id).state
     state.status = models.OrderStatus.SHIPPED
@@ -388,7 +360,7 @@ async def test_the_same_transaction_again_is_ok_and_recorded_once(harness: Harne
     reply = await harness.stub.ConfirmPayment(pay(created.order_id, "TXN-1"))
     assert reply.status == pb.ORDER_STATUS_SHIPPED
     assert "already recorded" in reply.message
-    assert harness.temporal.order(created.order_id).updates == []
+    assert harness.temporal.order(created.order_id).signals == []
 
 
 @pytest.mark.parametrize(
@@ -418,7 +390,7 @@ async def test_paying_an_order_that_is_not_pending_fails_the_precondition(
     assert failure.violations[0].subject == f"orders/{created.order_id}"
     assert f"current status: {status.value}" in failure.violations[0].description
     assert reason(caught.value) == "ORDER_STATE_FORBIDS"
-    assert harness.temporal.order(created.order_id).updates == []
+    assert harness.temporal.order(created.order_id).signals == []
 
 
 async def test_a_transaction_the_order_refused_before_stays_refused(harness: Harness) -> None:
@@ -432,16 +404,16 @@ async def test_a_transaction_the_order_refused_before_stays_refused(harness: Har
         await harness.stub.ConfirmPayment(pay(created.order_id, "TXN-1"))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "refused transaction TXN-1: Amount USD 1.00" in (caught.value.details() or "")
-    assert harness.temporal.order(created.order_id).updates == []
+    assert harness.temporal.order(created.order_id).signals == []
     # A new transaction is fine.
     await harness.stub.ConfirmPayment(pay(created.order_id, "TXN-2"))
 
 
-async def test_a_payment_for_a_closed_pending_order_fails_the_precondition(
+async def test_an_order_that_closes_before_the_signal_fails_the_precondition(
     harness: Harness,
 ) -> None:
     created = await create(harness)
-    harness.temporal.order(created.order_id).closed = True  # terminated while PENDING
+    harness.temporal.order(created.order_id).closed = True  # the query still sees PENDING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.ConfirmPayment(pay(created.order_id))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -459,7 +431,7 @@ async def test_a_payment_for_a_closed_pending_order_fails_the_precondition(
         models.OrderStatus.PREPARING,
     ],
 )
-async def test_cancel_is_accepted_until_shipment(
+async def test_cancel_is_signalled_until_shipment(
     harness: Harness, status: models.OrderStatus
 ) -> None:
     created = await create(harness)
@@ -467,11 +439,8 @@ async def test_cancel_is_accepted_until_shipment(
     reply = await harness.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))
     assert reply.status == convert_status(status)
     assert reply.message.startswith("Cancellation requested.")
-    assert harness.temporal.order(created.order_id).updates == [
-        (
-            models.REQUEST_CANCELLATION_UPDATE,
-            models.CancelRequest("Cancelled at the customer's request"),
-        )
+    assert harness.temporal.order(created.order_id).signals == [
+        (models.CANCEL_ORDER_SIGNAL, models.CancelRequest("Cancelled at the customer's request"))
     ]
 
 
@@ -498,7 +467,7 @@ async def test_cancel_after_shipment_fails_the_precondition(
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert words in (caught.value.details() or "")
-    assert harness.temporal.order(created.order_id).updates == []
+    assert harness.temporal.order(created.order_id).signals == []
 
 
 async def test_cancel_passes_the_reason(harness: Harness) -> None:
@@ -506,8 +475,8 @@ async def test_cancel_passes_the_reason(harness: Harness) -> None:
     await harness.stub.CancelOrder(
         pb.CancelOrderRequest(order_id=created.order_id, reason="Changed my mind")
     )
-    assert harness.temporal.order(created.order_id).updates == [
-        (models.REQUEST_CANCELLATION_UPDATE, models.CancelRequest("Changed my mind"))
+    assert harness.temporal.order(created.order_id).signals == [
+        (models.CANCEL_ORDER_SIGNAL, models.CancelRequest("Changed my mind"))
     ]
 
 

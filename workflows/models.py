@@ -25,12 +25,6 @@ CANCEL_ORDER_SIGNAL = "cancel_order"
 GET_ORDER_STATUS_QUERY = "get_order_status"
 GET_FULL_STATE_QUERY = "get_full_state"
 GET_ESTIMATED_DELIVERY_QUERY = "get_estimated_delivery"
-# The gRPC API's writes: updates of the same handlers, so one call both delivers
-# the message and answers whether the order took it (docs/decisions/0009).
-SUBMIT_PAYMENT_UPDATE = "submit_payment"
-REQUEST_CANCELLATION_UPDATE = "request_cancellation"
-# Why an update was refused (the ApplicationError type its validator raises).
-UPDATE_REFUSED_ERROR = "UpdateRefused"
 
 
 # Error types of activity failures that retrying cannot fix.
@@ -122,15 +116,6 @@ class CancelRequest:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class UpdateResult:
-    """What the `submit_payment` and `request_cancellation` updates answer."""
-
-    status: OrderStatus
-    # True when this very payment or a cancellation had already been recorded.
-    already_recorded: bool = False
-
-
 @dataclass
 class PaymentInfo:
     transaction_id: str
@@ -197,9 +182,9 @@ class OrderState:
 
 
 # --- What an order accepts ----------------------------------------------------
-# The workflow applies these rules to every payment and cancellation, whichever
-# way it arrives (update or signal); the server applies them to a closed order,
-# which no longer runs its handlers.
+# The workflow applies these rules to every payment and cancellation signal; the
+# server applies them to the state a query returns, to answer with a clear error
+# instead of sending a signal the workflow would refuse.
 
 
 class RefusalKind(StrEnum):
@@ -215,7 +200,7 @@ class RefusalKind(StrEnum):
 @dataclass(frozen=True)
 class Refusal:
     kind: RefusalKind
-    # One sentence for people: the update's error, or a rejected payment's reason.
+    # One sentence for people: a rejected payment's reason, or the log line.
     reason: str
 
 

@@ -4,8 +4,8 @@
        │                               │                  │
        └──── cancel_order / payment timeout / payment failure ──▶ cancelled (compensated)
 
-Signals and updates only record what arrived; the run loop below acts on it
-between steps, so every decision happens at one deterministic place in history.
+Signals only record what arrived; the run loop below acts on it between
+steps, so every decision happens at one deterministic place in history.
 Cancellation is possible until the order is handed to the carrier.
 """
 
@@ -33,9 +33,6 @@ with workflow.unsafe.imports_passed_through():
         GET_ORDER_STATUS_QUERY,
         OUT_OF_STOCK_ERROR,
         PAYMENT_DECLINED_ERROR,
-        REQUEST_CANCELLATION_UPDATE,
-        SUBMIT_PAYMENT_UPDATE,
-        UPDATE_REFUSED_ERROR,
         WORKFLOW_NAME,
         CancelRequest,
         ChargePaymentInput,
@@ -50,13 +47,11 @@ with workflow.unsafe.imports_passed_through():
         PrepareShipmentInput,
         RefundInfo,
         RefundPaymentInput,
-        Refusal,
         RejectedPayment,
         ReleaseInventoryInput,
         ReserveInventoryInput,
         ShipmentInfo,
         ShipOrderInput,
-        UpdateResult,
         cancellation_refusal,
         order_total,
         payment_refusal,
@@ -113,18 +108,6 @@ def _failure_message(err: ActivityError) -> str:
     return err.cause.message if isinstance(err.cause, ApplicationError) else str(err)
 
 
-def _raise_refusal(refusal: Refusal | None, state: OrderState) -> None:
-    """Rejects an update: the caller gets the kind, the order's status and the reason."""
-    if refusal is not None:
-        raise ApplicationError(
-            refusal.reason,
-            refusal.kind.value,
-            state.status.value,
-            type=UPDATE_REFUSED_ERROR,
-            non_retryable=True,
-        )
-
-
 def _describe_timeout(seconds: int) -> str:
     if seconds % 3600 == 0:
         return f"{seconds // 3600} h"
@@ -164,8 +147,8 @@ class OrderWorkflow:
         self._emails: list[Awaitable[Any]] = []
 
     # --- Signals: record, validate, never block ------------------------------
-    # The seed's interface, kept for the CLI and other producers: what the order
-    # refuses is recorded (rejected_payments) or logged, never raised.
+    # What the order refuses is recorded (rejected_payments) or logged: a
+    # signal has no caller to answer (the server asks a query first for that).
 
     @workflow.signal(name=CONFIRM_PAYMENT_SIGNAL)
     def confirm_payment(self, payment: PaymentRequest) -> None:
@@ -195,35 +178,6 @@ class OrderWorkflow:
             workflow.logger.warning("Cancellation refused: %s", refusal.reason)
             return
         self._cancel = CancelRequest(request.reason or DEFAULT_CANCEL_REASON)
-
-    # --- Updates: the same messages, answered in the same call ---------------
-    # The gRPC API's writes (docs/decisions/0009). A validator refuses what the
-    # order cannot take before anything is written to history; the handler then
-    # does what the signal does.
-
-    @workflow.update(name=SUBMIT_PAYMENT_UPDATE)
-    def submit_payment(self, payment: PaymentRequest) -> UpdateResult:
-        already = self._is_known_transaction(payment.transaction_id)
-        self.confirm_payment(payment)
-        return UpdateResult(self._state.status, already_recorded=already)
-
-    @submit_payment.validator
-    def _validate_payment(self, payment: PaymentRequest) -> None:
-        _raise_refusal(payment_refusal(self._state, payment, self._cancel), self._state)
-
-    @workflow.update(name=REQUEST_CANCELLATION_UPDATE)
-    def request_cancellation(self, request: CancelRequest) -> UpdateResult:
-        already = self._cancel is not None
-        self.cancel_order(request)
-        return UpdateResult(self._state.status, already_recorded=already)
-
-    @request_cancellation.validator
-    def _validate_cancellation(self, request: CancelRequest) -> None:
-        if self._cancel is None or self._state.status == OrderStatus.CANCELLED:
-            refusal = cancellation_refusal(
-                self._state.status, handed_to_carrier=self._handed_to_carrier
-            )
-            _raise_refusal(refusal, self._state)
 
     # --- Queries: read-only, answered even after the workflow has closed ----
 

@@ -31,12 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from temporalio.client import (
-    Client,
-    WorkflowFailureError,
-    WorkflowHandle,
-    WorkflowUpdateFailedError,
-)
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.config import SimulationConfig
@@ -47,8 +42,6 @@ from workflows.models import (
     CANCEL_ORDER_SIGNAL,
     CONFIRM_PAYMENT_SIGNAL,
     GET_ORDER_STATUS_QUERY,
-    REQUEST_CANCELLATION_UPDATE,
-    SUBMIT_PAYMENT_UPDATE,
     WORKFLOW_NAME,
     CancelRequest,
     OrderInput,
@@ -57,7 +50,6 @@ from workflows.models import (
     OrderStatus,
     PaymentRequest,
     ShippingAddress,
-    UpdateResult,
     workflow_id_for,
 )
 from workflows.money import Money
@@ -239,29 +231,6 @@ async def transient_failures_retried(r: Recorder) -> Handle:
     return handle
 
 
-async def updates_paid_then_cancelled(r: Recorder) -> Handle:
-    """The gRPC API's way: updates, one refused by the validator (it leaves no event)."""
-    handle = await r.start("updates_paid_then_cancelled", r.queues.slow)
-    await reaching(handle, OrderStatus.PENDING)
-    try:
-        await handle.execute_update(
-            SUBMIT_PAYMENT_UPDATE, PaymentRequest("TXN-LOW", Money("USD", 1), "credit_card")
-        )
-    except WorkflowUpdateFailedError:
-        pass
-    else:
-        raise RuntimeError("a payment of the wrong amount was accepted")
-    payment = PaymentRequest("TXN-1", PRICE, "credit_card")
-    for _ in range(2):  # the same transaction twice: recorded once
-        await handle.execute_update(SUBMIT_PAYMENT_UPDATE, payment, result_type=UpdateResult)
-    await reaching(handle, OrderStatus.PREPARING)
-    await handle.execute_update(
-        REQUEST_CANCELLATION_UPDATE, CancelRequest("Changed my mind"), result_type=UpdateResult
-    )
-    await finished(handle, OrderStatus.CANCELLED)
-    return handle
-
-
 async def workflow_cancelled(r: Recorder) -> Handle:
     """`temporal workflow cancel` while packing: compensated, then the workflow is CANCELED."""
     handle = await r.start("workflow_cancelled", r.queues.slow)
@@ -290,7 +259,6 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[Handle]]] = {
         wrong_and_duplicate_payments,
         transient_failures_retried,
         workflow_cancelled,
-        updates_paid_then_cancelled,
     )
 }
 
