@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from infra import logs
 from server.app import serve
 from server.config import from_args
 
@@ -20,9 +21,7 @@ def main(argv: Sequence[str]) -> int:
         config = from_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a bad value (2)
         return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log)
     try:
         asyncio.run(serve(config))
     except OSError as err:  # the port is taken or the host unknown: no traceback needed

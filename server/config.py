@@ -11,10 +11,14 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from infra import logs, temporal_connection
+from infra.temporal_connection import TemporalConnection
+from server import tls, tokens
 from workflows import models
 
 _T = TypeVar("_T")
@@ -31,13 +35,32 @@ class ServerConfig:
     host: str = "localhost"
     # 0 asks the OS for a free port; OrderServer.port tells which one it chose.
     port: int = 50051
-    temporal_address: str = "localhost:7233"
-    namespace: str = "default"
+    # Address, namespace, TLS and API key of Temporal (infra/temporal_connection.py).
+    temporal: TemporalConnection = field(default_factory=TemporalConnection)
     task_queue: str = models.DEFAULT_TASK_QUEUE
     # How long a new order waits for its payment before the workflow cancels it.
     payment_timeout_seconds: int = models.DEFAULT_PAYMENT_TIMEOUT_SECONDS
     # The cap on each Temporal call; an RPC's own deadline can shorten it further.
     temporal_rpc_timeout: timedelta = timedelta(seconds=10)
+    # Prometheus metrics at http://<metrics_host>:<metrics_port>/metrics; None: not served,
+    # 0: a free port (OrderServer.metrics_port). The host defaults to `host`.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    # For `python -m server`: text or JSON lines, and the level (infra/logs.py).
+    log: logs.LogSettings = field(default_factory=logs.LogSettings)
+    # TLS with a PEM certificate chain and its key; a client CA makes it mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Callers and their hashed bearer tokens (server/tokens.py); None: no tokens needed.
+    auth_tokens_file: Path | None = None
+    reflection: bool = True
+    # Plain text on a non-loopback address, for when something else encrypts (a mesh).
+    allow_insecure_remote: bool = False
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
 
 
 def parse_duration(text: str) -> timedelta:
@@ -99,6 +122,31 @@ def _parse_nonempty(text: str) -> str:
     return text.strip()
 
 
+def _parse_file(text: str) -> Path:
+    path = Path(_parse_nonempty(text)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _parse_tokens_file(text: str) -> Path:
+    """A tokens file, read once here so a mistake in it stops the server before it starts."""
+    path = _parse_file(text)
+    tokens.load(path)
+    return path
+
+
+_ON = {"on", "true", "yes", "1"}
+_OFF = {"off", "false", "no", "0"}
+
+
+def _parse_switch(text: str) -> bool:
+    cleaned = text.strip().lower()
+    if cleaned not in _ON | _OFF:
+        raise ValueError(f"invalid value {text!r}: use on or off (true/false, yes/no, 1/0)")
+    return cleaned in _ON
+
+
 @dataclass(frozen=True)
 class _Setting(Generic[_T]):
     """One setting: its flag, its environment variable and how to parse either."""
@@ -115,10 +163,6 @@ class _Setting(Generic[_T]):
 
 _HOST = _Setting("--host", "ORDER_SERVICE_HOST", _parse_nonempty, "address to listen on")
 _PORT = _Setting("--port", "ORDER_SERVICE_PORT", _parse_port, "port; 0 picks a free one")
-_TEMPORAL_ADDRESS = _Setting(
-    "--temporal-address", "TEMPORAL_ADDRESS", _parse_nonempty, "Temporal frontend host:port"
-)
-_NAMESPACE = _Setting("--namespace", "TEMPORAL_NAMESPACE", _parse_nonempty, "Temporal namespace")
 _TASK_QUEUE = _Setting(
     "--task-queue", "ORDER_TASK_QUEUE", _parse_nonempty, "task queue of the order workers"
 )
@@ -134,16 +178,61 @@ _TEMPORAL_RPC_TIMEOUT = _Setting(
     parse_duration,
     "cap on each Temporal call, e.g. 10s, 500ms",
 )
+_METRICS_PORT: _Setting[int | None] = _Setting(
+    "--metrics-port",
+    "ORDER_METRICS_PORT",
+    _parse_port,
+    "serve Prometheus metrics at http://<metrics host>:<port>/metrics; 0 picks a free port",
+)
+_METRICS_HOST: _Setting[str | None] = _Setting(
+    "--metrics-host", "ORDER_METRICS_HOST", _parse_nonempty, "address the metrics listen on"
+)
+_TLS_CERT: _Setting[Path | None] = _Setting(
+    "--tls-cert",
+    "ORDER_TLS_CERT",
+    _parse_file,
+    "PEM certificate chain: serve TLS (needs --tls-key)",
+)
+_TLS_KEY: _Setting[Path | None] = _Setting(
+    "--tls-key", "ORDER_TLS_KEY", _parse_file, "PEM private key of --tls-cert"
+)
+_TLS_CLIENT_CA: _Setting[Path | None] = _Setting(
+    "--tls-client-ca",
+    "ORDER_TLS_CLIENT_CA",
+    _parse_file,
+    "PEM CA bundle: require client certificates it signed (mutual TLS)",
+)
+_AUTH_TOKENS_FILE: _Setting[Path | None] = _Setting(
+    "--auth-tokens-file",
+    "ORDER_AUTH_TOKENS_FILE",
+    _parse_tokens_file,
+    "TOML file of callers, their hashed bearer tokens and roles; unset: no tokens needed",
+)
+_REFLECTION = _Setting(
+    "--reflection", "ORDER_REFLECTION", _parse_switch, "serve gRPC reflection: on or off"
+)
+# A switch without a value; its environment variable takes on/off, true/false.
+_ALLOW_INSECURE_REMOTE = _Setting(
+    "--allow-insecure-remote",
+    "ORDER_ALLOW_INSECURE_REMOTE",
+    _parse_switch,
+    "allow plain text on a non-loopback --host (when something else encrypts)",
+)
 _DEFAULTS = ServerConfig()
 # Each setting with the default it shows in --help.
 _SETTINGS: list[tuple[_Setting[Any], object]] = [
     (_HOST, _DEFAULTS.host),
     (_PORT, _DEFAULTS.port),
-    (_TEMPORAL_ADDRESS, _DEFAULTS.temporal_address),
-    (_NAMESPACE, _DEFAULTS.namespace),
     (_TASK_QUEUE, _DEFAULTS.task_queue),
     (_PAYMENT_TIMEOUT, format_duration(timedelta(seconds=_DEFAULTS.payment_timeout_seconds))),
     (_TEMPORAL_RPC_TIMEOUT, format_duration(_DEFAULTS.temporal_rpc_timeout)),
+    (_METRICS_PORT, "none: no metrics"),
+    (_METRICS_HOST, "the --host"),
+    (_TLS_CERT, "none: plain text"),
+    (_TLS_KEY, "none"),
+    (_TLS_CLIENT_CA, "none: no client certificates"),
+    (_AUTH_TOKENS_FILE, "none"),
+    (_REFLECTION, "on"),
 ]
 
 
@@ -173,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{setting.help} (env {setting.env}; default {default})",
         )
+    parser.add_argument(
+        _ALLOW_INSECURE_REMOTE.flag,
+        dest=_ALLOW_INSECURE_REMOTE.dest,
+        action="store_const",
+        const=True,
+        default=None,
+        help=f"{_ALLOW_INSECURE_REMOTE.help} (env {_ALLOW_INSECURE_REMOTE.env}=true)",
+    )
+    temporal_connection.add_arguments(parser)
+    logs.add_arguments(parser)
     return parser
 
 
@@ -197,12 +296,43 @@ def from_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = No
         except ValueError as err:
             parser.error(f"environment variable {setting.env}: {err}")
 
-    return ServerConfig(
+    try:
+        temporal = temporal_connection.from_arguments(args, env)
+        log = logs.from_arguments(args, env)
+    except ValueError as err:
+        parser.error(str(err))
+    config = ServerConfig(
         host=resolve(_HOST, _DEFAULTS.host),
         port=resolve(_PORT, _DEFAULTS.port),
-        temporal_address=resolve(_TEMPORAL_ADDRESS, _DEFAULTS.temporal_address),
-        namespace=resolve(_NAMESPACE, _DEFAULTS.namespace),
+        temporal=temporal,
         task_queue=resolve(_TASK_QUEUE, _DEFAULTS.task_queue),
         payment_timeout_seconds=resolve(_PAYMENT_TIMEOUT, _DEFAULTS.payment_timeout_seconds),
         temporal_rpc_timeout=resolve(_TEMPORAL_RPC_TIMEOUT, _DEFAULTS.temporal_rpc_timeout),
+        metrics_port=resolve(_METRICS_PORT, _DEFAULTS.metrics_port),
+        metrics_host=resolve(_METRICS_HOST, _DEFAULTS.metrics_host),
+        log=log,
+        tls_cert=resolve(_TLS_CERT, _DEFAULTS.tls_cert),
+        tls_key=resolve(_TLS_KEY, _DEFAULTS.tls_key),
+        tls_client_ca=resolve(_TLS_CLIENT_CA, _DEFAULTS.tls_client_ca),
+        auth_tokens_file=resolve(_AUTH_TOKENS_FILE, _DEFAULTS.auth_tokens_file),
+        reflection=resolve(_REFLECTION, _DEFAULTS.reflection),
+        allow_insecure_remote=resolve(_ALLOW_INSECURE_REMOTE, _DEFAULTS.allow_insecure_remote),
+    )
+    try:
+        check_security(config)
+    except ValueError as err:
+        parser.error(str(err))
+    return config
+
+
+def check_security(config: ServerConfig) -> None:
+    """Raises ValueError if the TLS settings do not fit together or would expose plain text."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls.check_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+    tls.check_plaintext_host(
+        config.host, tls=config.tls_enabled, allow_insecure_remote=config.allow_insecure_remote
     )

@@ -33,6 +33,7 @@ from temporalio.service import RPCError
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
+from infra import logs
 from server import convert, errors, validation
 from server.config import ServerConfig
 from server.errors import RpcContext
@@ -87,6 +88,10 @@ class _Call:
     rpc: str
     context: RpcContext
     order_id: str = ""  # set once validated
+
+    def __post_init__(self) -> None:
+        # Every line this RPC logs from now on names it, and its order once known.
+        logs.bind_rpc(self)
 
     @property
     def workflow_id(self) -> str:

@@ -32,6 +32,7 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
+from infra.temporal_connection import TemporalConnection
 from server.app import OrderServer, start_server
 from server.config import ServerConfig
 from worker.app import build_worker
@@ -138,8 +139,7 @@ async def open_stack(
     config = ServerConfig(
         host="127.0.0.1",
         port=0,
-        temporal_address=client.service_client.config.target_host,
-        namespace=client.namespace,
+        temporal=TemporalConnection(client.service_client.config.target_host, client.namespace),
         task_queue=task_queue,
         payment_timeout_seconds=payment_timeout_seconds,
     )

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
+from infra.temporal_connection import TemporalConnection
 from server.app import start_server
 from server.config import ServerConfig
 from tests.conftest import (
@@ -245,7 +246,7 @@ async def test_temporal_down_is_unavailable_fast_and_not_serving() -> None:
     config = ServerConfig(
         host="127.0.0.1",
         port=0,
-        temporal_address=f"127.0.0.1:{closed_port()}",
+        temporal=TemporalConnection(f"127.0.0.1:{closed_port()}"),
         task_queue="orders-nowhere",
     )
     server = await start_server(config)

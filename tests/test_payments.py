@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
+from infra.temporal_connection import TemporalConnection
 from server.app import start_server
 from server.config import ServerConfig
 from tests.conftest import (
@@ -186,7 +187,7 @@ async def test_a_write_with_no_worker_is_unavailable_before_the_deadline(
     config = ServerConfig(
         host="127.0.0.1",
         port=0,
-        temporal_address=temporal.client.service_client.config.target_host,
+        temporal=TemporalConnection(temporal.client.service_client.config.target_host),
         task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
     )
     server = await start_server(config, client=temporal.client)

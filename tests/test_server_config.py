@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 
+from infra.temporal_connection import TemporalConnection
 from server.config import ServerConfig, format_duration, from_args, parse_duration
 from workflows import models
 
@@ -14,8 +15,7 @@ def test_defaults() -> None:
     assert from_args([], {}) == ServerConfig(
         host="localhost",
         port=50051,
-        temporal_address="localhost:7233",
-        namespace="default",
+        temporal=TemporalConnection("localhost:7233", "default"),
         task_queue=models.DEFAULT_TASK_QUEUE,
         payment_timeout_seconds=24 * 3600,
         temporal_rpc_timeout=timedelta(seconds=10),
@@ -26,6 +26,7 @@ def test_flags() -> None:
     config = from_args(
         [
             "--host", "0.0.0.0",
+            "--allow-insecure-remote",
             "--port", "0",
             "--temporal-address", "temporal:7233",
             "--namespace", "orders",
@@ -37,9 +38,9 @@ def test_flags() -> None:
     )  # fmt: skip
     assert config == ServerConfig(
         host="0.0.0.0",
+        allow_insecure_remote=True,
         port=0,
-        temporal_address="temporal:7233",
-        namespace="orders",
+        temporal=TemporalConnection("temporal:7233", "orders"),
         task_queue="orders-eu",
         payment_timeout_seconds=5400,
         temporal_rpc_timeout=timedelta(milliseconds=500),
@@ -48,6 +49,7 @@ def test_flags() -> None:
 
 ENVIRONMENT = {
     "ORDER_SERVICE_HOST": "::",
+    "ORDER_ALLOW_INSECURE_REMOTE": "true",
     "ORDER_SERVICE_PORT": "6000",
     "TEMPORAL_ADDRESS": "temporal.internal:7233",
     "TEMPORAL_NAMESPACE": "prod",
@@ -60,9 +62,9 @@ ENVIRONMENT = {
 def test_environment_fallbacks() -> None:
     assert from_args([], ENVIRONMENT) == ServerConfig(
         host="::",
+        allow_insecure_remote=True,
         port=6000,
-        temporal_address="temporal.internal:7233",
-        namespace="prod",
+        temporal=TemporalConnection("temporal.internal:7233", "prod"),
         task_queue="orders-prod",
         payment_timeout_seconds=1800,
         temporal_rpc_timeout=timedelta(seconds=3),
@@ -73,7 +75,7 @@ def test_flags_win_over_the_environment() -> None:
     config = from_args(["--port", "7000", "--payment-timeout", "90s"], ENVIRONMENT)
     assert config.port == 7000
     assert config.payment_timeout_seconds == 90
-    assert config.namespace == "prod"
+    assert config.temporal.namespace == "prod"
 
 
 def test_empty_environment_variable_means_unset() -> None:

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
+from infra.temporal_connection import TemporalConnection
 from server.app import start_server
 from server.config import ServerConfig
 from server.watch import OrderWatchers
@@ -224,7 +225,9 @@ def closed_port() -> int:
 
 
 async def test_temporal_down_is_unavailable() -> None:
-    config = ServerConfig(host="127.0.0.1", port=0, temporal_address=f"127.0.0.1:{closed_port()}")
+    config = ServerConfig(
+        host="127.0.0.1", port=0, temporal=TemporalConnection(f"127.0.0.1:{closed_port()}")
+    )
     server = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

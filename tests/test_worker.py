@@ -18,6 +18,7 @@ import pytest
 from temporalio.client import Client
 
 from activities.config import SimulationConfig
+from infra.temporal_connection import TemporalConnection
 from worker.app import ConnectStopped, connect_with_retry, run_worker
 from worker.config import WorkerConfig, from_args
 from workflows.models import (
@@ -49,7 +50,9 @@ def free_port() -> int:
 
 def test_defaults() -> None:
     config = from_args([], environ={})
-    assert config == WorkerConfig("localhost:7233", "default", DEFAULT_TASK_QUEUE)
+    assert config == WorkerConfig(
+        TemporalConnection("localhost:7233", "default"), DEFAULT_TASK_QUEUE
+    )
     assert config.simulation == SimulationConfig()
 
 
@@ -62,7 +65,7 @@ def test_environment_then_flags() -> None:
         "ORDER_OUTBOX_DIR": "/tmp/mail",
     }
     config = from_args([], environ=env)
-    assert (config.temporal_address, config.namespace, config.task_queue) == (
+    assert (config.temporal.address, config.temporal.namespace, config.task_queue) == (
         "temporal:7233",
         "shop",
         "orders-env",
@@ -72,7 +75,11 @@ def test_environment_then_flags() -> None:
 
     flags = ["--temporal-address", "h:1", "--namespace", "n", "--task-queue", "q"]
     config = from_args(flags, environ=env)
-    assert (config.temporal_address, config.namespace, config.task_queue) == ("h:1", "n", "q")
+    assert (config.temporal.address, config.temporal.namespace, config.task_queue) == (
+        "h:1",
+        "n",
+        "q",
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,7 +127,7 @@ async def test_connect_retries_until_stopped(caplog: pytest.LogCaptureFixture) -
     started = time.monotonic()
     with pytest.raises(ConnectStopped):
         await connect_with_retry(
-            f"127.0.0.1:{free_port()}", "default", stop=stop, initial_backoff=0.1
+            TemporalConnection(f"127.0.0.1:{free_port()}"), stop=stop, initial_backoff=0.1
         )
     assert time.monotonic() - started < 3.0
     failures = [r for r in caplog.records if "not reachable" in r.getMessage()]
@@ -166,7 +173,8 @@ async def test_connect_waits_for_a_late_server(
     port = free_port()
     async with late_proxy(port, temporal_address, delay=1.0):
         client = await asyncio.wait_for(
-            connect_with_retry(f"127.0.0.1:{port}", "default", initial_backoff=0.2), timeout=10
+            connect_with_retry(TemporalConnection(f"127.0.0.1:{port}"), initial_backoff=0.2),
+            timeout=10,
         )
         assert await client.service_client.check_health()
     messages = [r.getMessage() for r in caplog.records]
@@ -190,7 +198,9 @@ def order_input(order_id: str) -> OrderInput:
 async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_path: Path) -> None:
     task_queue = f"orders-worker-test-{uuid.uuid4().hex[:8]}"
     config = WorkerConfig(
-        temporal_address, "default", task_queue, SimulationConfig.instant(tmp_path / "outbox")
+        TemporalConnection(temporal_address),
+        task_queue,
+        SimulationConfig.instant(tmp_path / "outbox"),
     )
     stop = asyncio.Event()
     running = asyncio.create_task(run_worker(config, stop=stop, handle_signals=False))

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from infra import logs
 from worker.app import run_worker
 from worker.config import from_args
 
@@ -17,16 +18,15 @@ logger = logging.getLogger("worker")
 def main(argv: Sequence[str]) -> int:
     """Runs the worker; returns the process's exit status."""
     config = from_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config.log, stream=sys.stderr)
     try:
         asyncio.run(run_worker(config))
     except KeyboardInterrupt:
         # A second Ctrl-C during the graceful shutdown.
         return 130
+    except OSError as err:  # a TLS file unreadable, the metrics port taken: no traceback
+        logger.error("Worker could not start: %s", err)
+        return 1
     except Exception:
         logger.exception("Worker failed")
         return 1
