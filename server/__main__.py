@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from infra import logs
+from infra.process_exit import exit_without_finalization
 from server.app import serve
 from server.config import from_args
 
@@ -34,12 +34,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter finalization: a process that used the temporalio client
-    # can abort while the interpreter shuts down (PyGILState_Release from the
-    # Rust core's threads; temporalio/sdk-python issue 300), exiting 134 or 139
-    # after all its work succeeded. Everything worth keeping is flushed above.
-    os._exit(code)
+    exit_without_finalization(main(sys.argv[1:]))

@@ -9,7 +9,6 @@ timings never share a worker.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
+from infra.process_exit import exit_without_finalization
 from infra.temporal_connection import TemporalConnection
 from server.app import OrderServer, start_server
 from server.config import ServerConfig
@@ -67,9 +67,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _exit_status is not None and not hasattr(config, "workerinput"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_exit_status)
+        exit_without_finalization(_exit_status)
 
 
 # --- Temporal -------------------------------------------------------------------------

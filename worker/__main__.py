@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from infra import logs
+from infra.process_exit import exit_without_finalization
 from worker.app import run_worker
 from worker.config import from_args
 
@@ -34,12 +34,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter finalization: a process that used the temporalio client
-    # can abort there (sdk-python issue 300: "PyGILState_Release", exit 134 or
-    # 139) after all its work has succeeded, which would turn a clean stop
-    # into a crash for `make run` and for supervisors.
-    os._exit(code)
+    exit_without_finalization(main(sys.argv[1:]))

@@ -59,6 +59,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
+from infra.process_exit import exit_without_finalization
 from server import validation
 from tests.conftest import create_request
 from tests.faults import harness
@@ -1405,8 +1406,4 @@ def run(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = run(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # As the server and worker do: skip interpreter finalization (sdk-python issue 300).
-    os._exit(code)
+    exit_without_finalization(run(sys.argv[1:]))

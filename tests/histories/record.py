@@ -36,6 +36,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
+from infra.process_exit import exit_without_finalization
 from worker.app import build_worker
 from workflows import search_attributes
 from workflows.models import (
@@ -354,8 +355,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter finalization (docs/decisions/0004-exit-without-finalization.md).
-    os._exit(code)
+    exit_without_finalization(main(sys.argv[1:]))
