@@ -71,7 +71,7 @@ from tests.faults.harness import (
     TemporalServer,
     WorkerProcess,
 )
-from workflows import models, search_attributes
+from workflows import models
 
 ROOT = harness.ROOT
 OUT_DIR = ROOT / "docs" / "performance"
@@ -374,33 +374,6 @@ class Stack:
         await quiesce(self.pids)
 
 
-async def start_temporal(cluster: Cluster, name: str, tuning: Sequence[str]) -> TemporalServer:
-    port = harness.free_port()
-    db_path = cluster.root / f"{name}.db"
-    argv = [
-        str(harness.BIN / "temporal"),
-        "server",
-        "start-dev",
-        "--db-filename",
-        str(db_path),
-        "--ip",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--headless",
-        "--log-level",
-        "error",
-        *tuning,
-        *search_attributes.dev_server_flags(),
-    ]
-    env = harness._base_env({})
-    process = Process(f"temporal-{name}", argv, env, cluster.root / "logs" / f"{name}.log")
-    temporal = TemporalServer(process, db_path, port)
-    cluster.temporal = temporal
-    await temporal.start()
-    return temporal
-
-
 async def start_worker(
     cluster: Cluster, name: str, task_queue: str, env: dict[str, str]
 ) -> WorkerProcess:
@@ -435,7 +408,9 @@ async def open_stack(
 ) -> Stack:
     cluster = Cluster(root / name, ZERO_DELAYS)
     cluster.root.mkdir(parents=True, exist_ok=True)
-    temporal = await start_temporal(cluster, name, tuning)
+    temporal = await cluster.start_temporal(
+        name=f"temporal-{name}", flags=tuning, log_level="error"
+    )
     task_queue = f"orders-bench-{uuid.uuid4().hex[:8]}"
     worker = await start_worker(cluster, name, task_queue, worker_env)
     argv = [

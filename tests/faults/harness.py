@@ -517,11 +517,16 @@ class Cluster:
         found = [self.temporal.process] if self.temporal else []
         return found + [w.process for w in self.workers] + [s.process for s in self.servers]
 
-    async def start_temporal(self) -> TemporalServer:
-        """The dev server, state in <root>/temporal.db, custom search attributes registered."""
+    async def start_temporal(
+        self, *, name: str = "temporal", flags: Sequence[str] = (), log_level: str = "warn"
+    ) -> TemporalServer:
+        """The dev server, state in <root>/<name>.db, custom search attributes registered.
+
+        `flags` go to `temporal server start-dev` as they are (the benchmark's SQLite pragmas).
+        """
         assert self.temporal is None
         port = free_port()
-        db_path = self.root / "temporal.db"
+        db_path = self.root / f"{name}.db"
         argv = [
             str(BIN / "temporal"),
             "server",
@@ -534,10 +539,11 @@ class Cluster:
             str(port),
             "--headless",
             "--log-level",
-            "warn",
+            log_level,
+            *flags,
             *search_attributes.dev_server_flags(),
         ]
-        process = Process("temporal", argv, _base_env({}), self.root / "logs" / "temporal.log")
+        process = Process(name, argv, _base_env({}), self.root / "logs" / f"{name}.log")
         self.temporal = TemporalServer(process, db_path, port)
         await self.temporal.start()
         return self.temporal
