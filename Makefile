@@ -15,7 +15,7 @@ TEMPORAL_UI_PORT ?= 8233
 # The dev server's SQLite: a write-ahead log, synced at checkpoints only: about
 # 1.7x the orders per second of SQLite's defaults (make bench). A crash of the
 # dev server loses nothing; an OS crash or power cut can lose the last moments'
-# transactions (README, Performance). `make run TEMPORAL_TUNING=` for the defaults.
+# transactions (docs/performance/README.md). `make run TEMPORAL_TUNING=` for the defaults.
 TEMPORAL_TUNING ?= --sqlite-pragma journal_mode=wal --sqlite-pragma synchronous=normal
 
 # The custom search attributes ListOrders filters on (workflows/search_attributes.py).
@@ -24,7 +24,7 @@ SEARCH_ATTRIBUTES = $(shell $(PY) -m workflows.search_attributes)
 export PATH := $(BIN):$(PATH)
 SHELL := /bin/bash
 
-.PHONY: install run temporal worker server proto lint test test-faults bench clean
+.PHONY: install run temporal worker server proto docs lint test test-faults bench clean
 
 install: $(STAMP)
 
@@ -54,7 +54,7 @@ run: install
 	echo "  OrderService  localhost:$${ORDER_SERVICE_PORT:-50051}  (grpcurl -plaintext localhost:$${ORDER_SERVICE_PORT:-50051} list)"; \
 	echo "  Temporal UI   http://localhost:$(TEMPORAL_UI_PORT)"; \
 	echo "  State         $(TEMPORAL_DB)   Emails  $${ORDER_SMTP_HOST:-outbox/}"; \
-	echo "  The README's grpcurl walkthrough works from here. Ctrl-C stops everything."; \
+	echo "  The grpcurl walkthrough (docs/walkthrough.md) works from here. Ctrl-C stops everything."; \
 	echo; \
 	wait -n; echo "A component exited; stopping the rest."; stop
 
@@ -76,6 +76,10 @@ server: install
 proto: install
 	$(PY) protos/generate.py
 
+## docs: regenerate docs/configuration.md from the settings models.
+docs: install
+	$(PY) -m tests.support.docs
+
 ## lint: ruff, mypy and buf lint.
 lint: install
 	$(BIN)/ruff check .
@@ -94,7 +98,7 @@ test-faults: install
 ## bench: the gRPC front against raw Temporal, plain vs tuned dev server, 10,000 parked orders
 ## (about 10 minutes; ARGS=--quick for a sanity run); writes docs/performance/.
 bench: install
-	$(PY) -m tests.bench.benchmark $(ARGS)
+	$(PY) -m tests.bench.benchmark --temporal-tuning="$(TEMPORAL_TUNING)" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

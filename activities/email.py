@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.policy
-import functools
 import hashlib
 import re
 from datetime import UTC, datetime
@@ -12,6 +11,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 
 from workflows.models import Notification, NotificationKind
+from workflows.rules import InvalidEmailAddress, parse_email_address
 
 SENDER = "orders@acme.example"
 FALLBACK_RECIPIENT_DOMAIN = "customers.invalid"
@@ -27,10 +27,6 @@ TITLES: dict[NotificationKind, str] = {
 }
 
 _UNSAFE_LOCAL_PART = re.compile(r"[^A-Za-z0-9._+-]+")
-
-
-class InvalidRecipientError(ValueError):
-    """The recipient is not a single plain email address."""
 
 
 def recipient_for(notification: Notification) -> str:
@@ -109,17 +105,17 @@ def body_for(notification: Notification) -> str:
 def parse_sender(text: str) -> Address:
     """The From address: "orders@acme.example" or "Acme Orders <orders@acme.example>".
 
-    Raises InvalidRecipientError (a ValueError) unless `text` is exactly one address.
+    Raises InvalidEmailAddress (a ValueError) unless `text` is exactly one address.
     """
     if "\r" in text or "\n" in text:
-        raise InvalidRecipientError(f"not a single email address: {text!r}")
+        raise InvalidEmailAddress(f"not a single email address: {text!r}")
     header = email.policy.default.header_factory("From", text)
     addresses: tuple[object, ...] = getattr(header, "addresses", ())
     if header.defects or len(addresses) != 1:
-        raise InvalidRecipientError(f"not a single email address: {text!r}")
+        raise InvalidEmailAddress(f"not a single email address: {text!r}")
     address = addresses[0]
     if not isinstance(address, Address) or not address.username or not address.domain:
-        raise InvalidRecipientError(f"not a valid email address: {text!r}")
+        raise InvalidEmailAddress(f"not a valid email address: {text!r}")
     return address
 
 
@@ -128,12 +124,12 @@ def render_notification(
 ) -> EmailMessage:
     """The whole message; `sent_at` becomes the Date header, so pass one that retries share.
 
-    Raises InvalidRecipientError when the recipient is not one plain address:
+    Raises InvalidEmailAddress when the recipient is not one plain address:
     that is never going to work, however often it is retried.
     """
     message = EmailMessage()
     message["From"] = parse_sender(sender)
-    message["To"] = parse_recipient(recipient_for(notification))
+    message["To"] = parse_email_address(recipient_for(notification))
     message["Subject"] = subject_for(notification)
     message["Date"] = format_datetime(_as_aware(sent_at))
     message["Message-ID"] = message_id_for(notification.idempotency_key)
@@ -142,24 +138,6 @@ def render_notification(
     message["X-Notification-Kind"] = notification.kind.value
     message.set_content(body_for(notification))
     return message
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_recipient(text: str) -> Address:
-    """One plain address, or InvalidRecipientError; CreateOrder validates with it too.
-
-    Cached (an Address is immutable; errors are not cached): the stdlib's RFC
-    5322 parser costs about 90 µs, most of a CreateOrder's validation, and
-    one order's emails, like one customer's orders, share an address.
-    """
-    # Building the Address ourselves rejects header injection (CR/LF) and
-    # lists of recipients, which a plain string header would let through.
-    if any(ch in text for ch in '\r\n,;<>"()') or text.count("@") != 1:
-        raise InvalidRecipientError(f"not a single email address: {text!r}")
-    try:
-        return Address(addr_spec=text)
-    except (ValueError, IndexError) as err:
-        raise InvalidRecipientError(f"not a valid email address: {text!r}") from err
 
 
 def _as_aware(moment: datetime) -> datetime:

@@ -1,35 +1,23 @@
-"""Logging for both processes: text lines for people, JSON lines for log pipelines.
-
-`--log-format json` (ORDER_LOG_FORMAT=json) writes one JSON object per line
-with time, level, logger and message, and, on every line about an order, its
-order_id and workflow_id: in the server from the RPC being served (`rpc` too;
-the servicer binds it with `bind_rpc`), in the worker from the activity or
-workflow that logged it (the Temporal SDK knows which one is running).
-"""
+"""Logging for both processes: text lines for people, JSON lines naming the RPC and the order."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TextIO, get_args
+from typing import Annotated, Any, Literal, TextIO
 
 from temporalio import activity
 
+from infra.settings import Lowercase, Options, Uppercase, setting
 from workflows import models
 
-LogFormat = Literal["text", "json"]
-LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-FORMAT_ENV = "ORDER_LOG_FORMAT"
-LEVEL_ENV = "ORDER_LOG_LEVEL"
 
 _FIELD_ORDER = (
     "rpc",
@@ -45,36 +33,41 @@ _FIELD_ORDER = (
 _WORKFLOW_ID_PREFIX = models.workflow_id_for("")
 
 
-@dataclass(frozen=True)
-class LogSettings:
-    format: LogFormat = "text"
-    level: str = "INFO"
+class LogSettings(Options):
+    """Logging."""
+
+    log_format: Annotated[Literal["text", "json"], Lowercase] = setting(
+        "text", "ORDER_LOG_FORMAT", "text, or json for one JSON object per line"
+    )
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], Uppercase] = setting(
+        "INFO", "ORDER_LOG_LEVEL", "lowest level logged: DEBUG, INFO, WARNING or ERROR"
+    )
 
 
 # --- What a line is about --------------------------------------------------------
 
 
-class RpcLogContext(Protocol):
-    """The RPC being served, read when each line is written (the order id comes later)."""
+@dataclass(frozen=True)
+class RpcContext:
+    """The RPC being served: every line it logs names it, and its order if the request has one."""
 
-    @property
-    def rpc(self) -> str: ...
-
-    @property
-    def order_id(self) -> str: ...
-
-    @property
-    def workflow_id(self) -> str: ...
+    rpc: str
+    order_id: str = ""
 
 
 # grpc.aio serves each RPC in a task of its own, so a value set while serving
 # one RPC is seen by its own lines only (and by tasks it starts).
-_current_rpc: ContextVar[RpcLogContext | None] = ContextVar("order_rpc", default=None)
+_current_rpc: ContextVar[RpcContext | None] = ContextVar("order_rpc", default=None)
 
 
-def bind_rpc(call: RpcLogContext) -> None:
-    """Marks every line logged from here on in this task as about `call`."""
-    _current_rpc.set(call)
+@contextmanager
+def rpc_context(rpc: str, order_id: str = "") -> Iterator[None]:
+    """Marks every line logged inside the block, in this task, as about this RPC."""
+    token = _current_rpc.set(RpcContext(rpc, order_id))
+    try:
+        yield
+    finally:
+        _current_rpc.reset(token)
 
 
 def order_id_from_workflow_id(workflow_id: str) -> str | None:
@@ -92,15 +85,7 @@ def _temporal_fields(record: logging.LogRecord) -> dict[str, Any]:
     """
     details: Mapping[str, Any] | None = getattr(record, "temporal_activity", None)
     if details is None and activity.in_activity():
-        info = activity.info()
-        details = {
-            "activity_id": info.activity_id,
-            "activity_type": info.activity_type,
-            "attempt": info.attempt,
-            "workflow_id": info.workflow_id,
-            "workflow_run_id": info.workflow_run_id,
-            "workflow_type": info.workflow_type,
-        }
+        details = vars(activity.info())  # the same keys as the SDK's own
     if details is not None:
         return {
             "workflow_id": details.get("workflow_id"),
@@ -128,7 +113,7 @@ def context_fields(record: logging.LogRecord) -> dict[str, Any]:
         fields["rpc"] = call.rpc
         if call.order_id:
             fields["order_id"] = call.order_id
-            fields["workflow_id"] = call.workflow_id
+            fields["workflow_id"] = models.workflow_id_for(call.order_id)
     for key, value in _temporal_fields(record).items():
         if value is not None and value != "":
             fields.setdefault(key, value)
@@ -184,44 +169,10 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.addFilter(OrderContextFilter())
     handler.setFormatter(
-        JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT)
+        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(settings.level)
-
-
-# --- Flags and environment --------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Logging")
-    group.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=None,
-        help=f"text, or json for one JSON object per line (env {FORMAT_ENV}; default text)",
-    )
-    group.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        type=str.upper,
-        default=None,
-        help=f"lowest level logged (env {LEVEL_ENV}; default INFO)",
-    )
-
-
-def from_arguments(args: argparse.Namespace, env: Mapping[str, str]) -> LogSettings:
-    """Flags, then ORDER_LOG_FORMAT / ORDER_LOG_LEVEL, then text at INFO.
-
-    Raises ValueError naming the variable at fault.
-    """
-    log_format: str = args.log_format or env.get(FORMAT_ENV, "").strip().lower() or "text"
-    if log_format not in LOG_FORMATS:
-        raise ValueError(f"environment variable {FORMAT_ENV}: use one of {', '.join(LOG_FORMATS)}")
-    level: str = args.log_level or env.get(LEVEL_ENV, "").strip().upper() or "INFO"
-    if level not in LOG_LEVELS:
-        raise ValueError(f"environment variable {LEVEL_ENV}: use one of {', '.join(LOG_LEVELS)}")
-    return LogSettings(format=log_format, level=level)
+    root.setLevel(settings.log_level)

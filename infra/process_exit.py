@@ -1,8 +1,6 @@
 """How a process that used the temporalio client ends: without interpreter finalization.
 
-Such a process can abort while the interpreter shuts down (PyGILState_Release
-from the SDK's Rust threads; sdk-python issue 300), exiting 134 or 139 after
-all its work succeeded (docs/decisions/0004-exit-without-finalization.md).
+Why: sdk-python issue 300, docs/decisions/0004-exit-without-finalization.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,4 @@
-"""Regenerates generated/ from protos/: `make proto`, and the staleness test.
-
-Usage: python protos/generate.py [OUT_DIR]   (default: generated/)
-"""
+"""`python protos/generate.py [OUT_DIR]`: generated/ (or OUT_DIR) from protos/; `make proto`."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -30,24 +29,20 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from pydantic import SecretStr
 from temporalio.client import WorkflowExecutionDescription
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from activities.config import SimulationConfig, SmtpConfig, SmtpSecurity
 from activities.email import TITLES, render_notification
-from activities.mailer import MailDeliveryError, SmtpMailer, mailer_for
 from activities.order_activities import OrderActivities
-from tests.conftest import (
-    LAPTOP_PRICE,
-    Stack,
-    create_request,
-    eventually,
-    open_stack,
-    order_reaching,
-)
-from tests.test_failure_paths import activity_attempts
+from activities.providers import ProviderSettings
+from activities.providers.mail import MailDeliveryError, MailSettings, SmtpMailer, mailer_for
+from tests.support.env import free_port
+from tests.support.orders import activity_attempts, create_request, payment_request
+from tests.support.polling import eventually
+from tests.support.stack import Stack, open_stack, order_reaching
 from workflows.models import Notification, NotificationKind
 from workflows.money import Money
 
@@ -59,13 +54,6 @@ USERNAME, PASSWORD = "acme-orders", "s3cret pass"
 
 def eml_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.eml")) if folder.exists() else []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- An SMTP server on loopback ---------------------------------------------------------
@@ -232,6 +220,11 @@ def note(kind: NotificationKind = NotificationKind.ORDER_RECEIVED, **changes: An
     return dataclasses.replace(base, **changes)
 
 
+def smtp_settings(port: int, **changes: Any) -> MailSettings:
+    """Mail settings for the SMTP server on 127.0.0.1:`port`."""
+    return MailSettings(smtp_host="127.0.0.1", smtp_port=port, **changes)
+
+
 def message_for(notification: Notification) -> EmailMessage:
     return render_notification(notification, datetime(2025, 1, 31, tzinfo=UTC), sender=SENDER)
 
@@ -239,7 +232,7 @@ def message_for(notification: Notification) -> EmailMessage:
 async def test_plain_smtp_delivers_the_rendered_message() -> None:
     inbox, port = Inbox(), free_port()
     async with smtp_server(inbox, port):
-        mailer = SmtpMailer(SmtpConfig("127.0.0.1", port))
+        mailer = SmtpMailer(smtp_settings(port))
         sent = message_for(note())
         await mailer.send(sent, note())
     [got] = inbox.received
@@ -261,17 +254,16 @@ async def test_starttls_with_auth(certificate: Certificate) -> None:
         authenticator=authenticate,
         auth_require_tls=True,
     )
-    config = SmtpConfig(
-        "127.0.0.1",
+    settings = smtp_settings(
         port,
-        SmtpSecurity.STARTTLS,
-        username=USERNAME,
-        password=PASSWORD,
-        ca_file=certificate.cert,
+        smtp_tls="starttls",
+        smtp_username=USERNAME,
+        smtp_password=PASSWORD,
+        smtp_ca_file=certificate.cert,
     )
     async with server:
-        await SmtpMailer(config).send(message_for(note()), note())
-        wrong = SmtpMailer(dataclasses.replace(config, password="wrong"))
+        await SmtpMailer(settings).send(message_for(note()), note())
+        wrong = SmtpMailer(settings.model_copy(update={"smtp_password": SecretStr("wrong")}))
         with pytest.raises(MailDeliveryError) as caught:
             await wrong.send(message_for(note()), note())
         # Fixed by correcting the worker's settings, then sent by a later attempt.
@@ -285,10 +277,10 @@ async def test_starttls_with_auth(certificate: Certificate) -> None:
 async def test_implicit_tls(certificate: Certificate) -> None:
     inbox, port = Inbox(), free_port()
     async with smtp_server(inbox, port, ssl_context=certificate.server_context()):
-        config = SmtpConfig("127.0.0.1", port, SmtpSecurity.TLS, ca_file=certificate.cert)
-        await SmtpMailer(config).send(message_for(note()), note())
+        settings = smtp_settings(port, smtp_tls="tls", smtp_ca_file=certificate.cert)
+        await SmtpMailer(settings).send(message_for(note()), note())
         # An untrusted certificate is an error to retry, never a reason to send in clear.
-        untrusted = SmtpMailer(dataclasses.replace(config, ca_file=None))
+        untrusted = SmtpMailer(settings.model_copy(update={"smtp_ca_file": None}))
         with pytest.raises(MailDeliveryError) as caught:
             await untrusted.send(message_for(note()), note())
         assert not caught.value.permanent
@@ -298,7 +290,7 @@ async def test_implicit_tls(certificate: Certificate) -> None:
 
 
 async def test_server_down_is_a_transient_failure() -> None:
-    mailer = SmtpMailer(SmtpConfig("127.0.0.1", free_port(), timeout=2))
+    mailer = SmtpMailer(smtp_settings(free_port(), smtp_timeout=2))
     with pytest.raises(MailDeliveryError) as caught:
         await mailer.send(message_for(note()), note())
     assert not caught.value.permanent
@@ -315,7 +307,7 @@ async def test_silent_server_times_out() -> None:
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        mailer = SmtpMailer(SmtpConfig("127.0.0.1", port, timeout=0.5))
+        mailer = SmtpMailer(smtp_settings(port, smtp_timeout=0.5))
         started = time.monotonic()
         with pytest.raises(MailDeliveryError) as caught:
             await mailer.send(message_for(note()), note())
@@ -330,11 +322,11 @@ async def test_silent_server_times_out() -> None:
 
 async def test_refusals_are_retryable_rejections_are_final(tmp_path: Path) -> None:
     inbox, port = Inbox(refuse_first=1), free_port()
-    config = dataclasses.replace(
-        SimulationConfig.instant(tmp_path), smtp=SmtpConfig("127.0.0.1", port), email_from=SENDER
+    settings = ProviderSettings.instant(
+        tmp_path, smtp_host="127.0.0.1", smtp_port=port, email_from=SENDER
     )
-    acts = OrderActivities(config)
-    assert isinstance(acts.mailer, SmtpMailer)
+    acts = OrderActivities(settings)
+    assert isinstance(acts.mail.mailer, SmtpMailer)
     env = ActivityEnvironment()
     async with smtp_server(inbox, port):
         # 451: a temporary refusal, retried.
@@ -356,11 +348,12 @@ async def test_refusals_are_retryable_rejections_are_final(tmp_path: Path) -> No
     assert eml_files(tmp_path) == []
 
 
-def test_mailer_follows_the_configuration(tmp_path: Path) -> None:
-    outbox = SimulationConfig.instant(tmp_path)
-    assert not isinstance(mailer_for(outbox), SmtpMailer)
-    smtp = dataclasses.replace(outbox, smtp=SmtpConfig("mail.example", username="u", password="p"))
-    mailer = mailer_for(smtp)
+def test_mailer_follows_the_settings(tmp_path: Path) -> None:
+    assert not isinstance(mailer_for(MailSettings(outbox_dir=tmp_path)), SmtpMailer)
+    settings = MailSettings(
+        smtp_host="mail.example", smtp_tls="none", smtp_username="u", smtp_password=SecretStr("p")
+    )
+    mailer = mailer_for(settings)
     assert isinstance(mailer, SmtpMailer)
     # What the worker logs at startup: where, never the password.
     assert str(mailer) == "SMTP server u@mail.example:25 (TLS: none, timeout 10 s)"
@@ -375,24 +368,13 @@ async def smtp_stack(
 ) -> AsyncIterator[Stack]:
     """A stack whose activities send every email to the SMTP server on `port`."""
     outbox = tmp_path / "outbox"
-    simulation = dataclasses.replace(
-        SimulationConfig.instant(outbox),
-        email_from=SENDER,
-        smtp=SmtpConfig("127.0.0.1", port, timeout=5, **smtp),
+    simulation = ProviderSettings.instant(
+        outbox, email_from=SENDER, smtp_host="127.0.0.1", smtp_port=port, smtp_timeout=5, **smtp
     )
     async with open_stack(temporal.client, outbox, simulation=simulation) as stack:
         yield stack
     # SMTP replaces the outbox; nothing may be written there.
     assert eml_files(outbox) == []
-
-
-def pay_request(order_id: str) -> pb.ConfirmPaymentRequest:
-    return pb.ConfirmPaymentRequest(
-        order_id=order_id,
-        transaction_id="TXN-SMTP-1",
-        amount=LAPTOP_PRICE,
-        payment_method="credit_card",
-    )
 
 
 def body_of(message: EmailMessage) -> str:
@@ -423,7 +405,7 @@ async def test_paid_order_emails_every_step(temporal: WorkflowEnvironment, tmp_p
     async with smtp_server(inbox, port), smtp_stack(temporal, tmp_path, port) as stack:
         created = await stack.stub.CreateOrder(create_request(customer_email=email))
         order_id = created.order_id
-        await stack.stub.ConfirmPayment(pay_request(order_id))
+        await stack.stub.ConfirmPayment(payment_request(order_id, "TXN-SMTP-1"))
         order = await order_reaching(stack, order_id, S.ORDER_STATUS_DELIVERED)
         await stack.client.get_workflow_handle(created.workflow_id).result()
 
@@ -485,7 +467,7 @@ async def test_mail_server_down_does_not_hold_up_the_order(
     async with smtp_stack(temporal, tmp_path, port) as stack:
         created = await stack.stub.CreateOrder(create_request())
         order_id = created.order_id
-        await stack.stub.ConfirmPayment(pay_request(order_id))
+        await stack.stub.ConfirmPayment(payment_request(order_id, "TXN-SMTP-1"))
         # Instant providers: delivered within seconds, though no email could be sent.
         await order_reaching(stack, order_id, S.ORDER_STATUS_DELIVERED, within=5)
         handle = stack.client.get_workflow_handle(created.workflow_id)
@@ -517,7 +499,7 @@ async def test_temporary_refusal_is_retried_and_delivered_once(
     inbox, port = Inbox(refuse_first=1), free_port()
     async with smtp_server(inbox, port), smtp_stack(temporal, tmp_path, port) as stack:
         created = await stack.stub.CreateOrder(create_request())
-        await stack.stub.ConfirmPayment(pay_request(created.order_id))
+        await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-SMTP-1"))
         await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED, within=5)
         handle = stack.client.get_workflow_handle(created.workflow_id)
         await handle.result()
@@ -534,7 +516,7 @@ async def test_rejected_recipient_does_not_fail_the_order(
         created = await stack.stub.CreateOrder(
             create_request(customer_email=f"nobody@{REJECTED_DOMAIN}")
         )
-        await stack.stub.ConfirmPayment(pay_request(created.order_id))
+        await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-SMTP-1"))
         await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED)
         handle = stack.client.get_workflow_handle(created.workflow_id)
         await handle.result()  # completes: a rejected email is logged, not fatal
@@ -558,10 +540,10 @@ async def test_order_emails_over_starttls_with_auth(
         temporal,
         tmp_path,
         port,
-        security=SmtpSecurity.STARTTLS,
-        username=USERNAME,
-        password=PASSWORD,
-        ca_file=certificate.cert,
+        smtp_tls="starttls",
+        smtp_username=USERNAME,
+        smtp_password=PASSWORD,
+        smtp_ca_file=certificate.cert,
     )
     async with server, stack_context as stack:
         created = await stack.stub.CreateOrder(create_request())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,18 +14,12 @@ from grpc_status import rpc_status
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from infra.temporal_connection import TemporalConnection
-from server.app import start_server
-from server.config import ServerConfig
-from tests.conftest import (
-    LAPTOP_PRICE,
-    Stack,
-    create_request,
-    eventually,
-    money,
-    open_stack,
-    order_reaching,
-)
+from server.platform.app import start_server
+from server.platform.settings import ServerSettings
+from tests.support.env import free_port
+from tests.support.orders import LAPTOP_PRICE, create_request, money
+from tests.support.polling import eventually
+from tests.support.stack import Stack, open_stack, order_reaching
 
 S = pb.OrderStatus
 UNKNOWN_ORDER = "ORD-0000000000000000"
@@ -235,18 +228,11 @@ async def test_cancel_twice_is_failed_precondition(stack: Stack) -> None:
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_temporal_down_is_unavailable_fast_and_not_serving() -> None:
-    config = ServerConfig(
+    config = ServerSettings(
         host="127.0.0.1",
         port=0,
-        temporal=TemporalConnection(f"127.0.0.1:{closed_port()}"),
+        temporal_address=f"127.0.0.1:{free_port()}",
         task_queue="orders-nowhere",
     )
     server = await start_server(config)

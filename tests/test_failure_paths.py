@@ -9,9 +9,7 @@ when the workflow itself is cancelled or the payment times out.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from email import message_from_bytes
@@ -19,43 +17,25 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHistory
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from activities.config import SimulationConfig
-from tests.conftest import (
+from activities.providers import ProviderSettings
+from tests.support.orders import (
     LAPTOP_PRICE,
-    Stack,
+    activity_attempts,
     create_request,
-    eventually,
     money,
-    open_stack,
-    order_reaching,
+    payment_request,
 )
+from tests.support.polling import eventually
+from tests.support.stack import Stack, open_stack, order_reaching
 
 S = pb.OrderStatus
 # On the `rules` stack every product has 10 units in stock, except this one.
 SOLD_OUT = "PROD-SOLD-OUT"
-
-
-def activity_attempts(history: WorkflowHistory) -> dict[str, list[int]]:
-    """Activity name → the attempt each of its executions finished on, in history order.
-
-    Temporal writes an activity's ActivityTaskStarted event once it closes,
-    with the attempt that closed it, so a retried activity shows attempt > 1.
-    """
-    names: dict[int, str] = {}
-    attempts: dict[str, list[int]] = defaultdict(list)
-    for event in history.events:
-        if event.HasField("activity_task_scheduled_event_attributes"):
-            scheduled = event.activity_task_scheduled_event_attributes
-            names[event.event_id] = scheduled.activity_type.name
-        elif event.HasField("activity_task_started_event_attributes"):
-            started = event.activity_task_started_event_attributes
-            attempts[names[started.scheduled_event_id]].append(started.attempt)
-    return dict(attempts)
 
 
 def item(product_id: str, quantity: int = 1, price: object = LAPTOP_PRICE) -> pb.OrderItem:
@@ -67,14 +47,6 @@ def item(product_id: str, quantity: int = 1, price: object = LAPTOP_PRICE) -> pb
 def new_product() -> str:
     """A product of its own for one test, so that tests sharing a stack share no stock."""
     return f"PROD-{uuid.uuid4().hex[:8]}"
-
-
-def pay_request(
-    order_id: str, payment_method: str = "credit_card", amount: object = LAPTOP_PRICE
-) -> pb.ConfirmPaymentRequest:
-    return pb.ConfirmPaymentRequest(
-        order_id=order_id, transaction_id="TXN-1", amount=amount, payment_method=payment_method
-    )
 
 
 def emails(outbox: Path, order_id: str) -> dict[str, str]:
@@ -111,12 +83,11 @@ async def rules(
 ) -> AsyncIterator[Stack]:
     """Instant providers with limited stock and a gateway that declines some payments."""
     outbox = tmp_path_factory.mktemp("rules-outbox")
-    simulation = dataclasses.replace(
-        SimulationConfig.instant(outbox),
-        stock={SOLD_OUT: 0},
-        default_stock=10,
-        decline_methods=frozenset({"declined_card"}),
-        decline_over=Decimal("5000"),
+    simulation = ProviderSettings.instant(
+        outbox,
+        sim_stock={SOLD_OUT: 0, "*": 10},
+        sim_decline_methods=frozenset({"declined_card"}),
+        sim_decline_over=Decimal("5000"),
     )
     async with open_stack(temporal.client, outbox, simulation=simulation) as stack:
         yield stack
@@ -133,9 +104,11 @@ async def test_out_of_stock_cancels_and_charges_nothing(rules: Stack) -> None:
     )
     # Nothing reserved, so nothing held and nothing to release; no stock taken.
     assert order.inventory_info.reservation_id == ""
-    assert created.order_id not in rules.activities.reservations
-    assert rules.activities.stock_level(product) == 10
-    assert not any(c.order_id == created.order_id for c in rules.activities.charges.values())
+    assert created.order_id not in rules.activities.inventory.reservations
+    assert rules.activities.inventory.stock_level(product) == 10
+    assert not any(
+        c.order_id == created.order_id for c in rules.activities.payments.charges.values()
+    )
     # The customer is told why; no "order received" was ever sent.
     sent = emails(rules.outbox, created.order_id)
     assert set(sent) == {"order_cancelled"}
@@ -147,7 +120,7 @@ async def test_stock_is_taken_and_given_back(rules: Stack) -> None:
     # Two lines of the same product count together.
     first = await rules.stub.CreateOrder(create_request(items=[item(product, 4), item(product, 5)]))
     await reserved(rules, first.order_id)
-    assert rules.activities.stock_level(product) == 1
+    assert rules.activities.inventory.stock_level(product) == 1
 
     # Only 1 left: the next order for 2 cannot be reserved.
     second = await rules.stub.CreateOrder(create_request(items=[item(product, 2)]))
@@ -158,17 +131,19 @@ async def test_stock_is_taken_and_given_back(rules: Stack) -> None:
     await rules.stub.CancelOrder(pb.CancelOrderRequest(order_id=first.order_id))
     order = await finished(rules, first.order_id)
     assert order.inventory_info.released
-    assert rules.activities.stock_level(product) == 10
+    assert rules.activities.inventory.stock_level(product) == 10
 
 
 async def test_declined_card_cancels_and_compensates(rules: Stack) -> None:
     product = new_product()
     created = await rules.stub.CreateOrder(create_request(items=[item(product, 2)]))
     await reserved(rules, created.order_id)
-    assert rules.activities.stock_level(product) == 8
+    assert rules.activities.inventory.stock_level(product) == 8
 
     await rules.stub.ConfirmPayment(
-        pay_request(created.order_id, "declined_card", money(1999, 980_000_000))
+        payment_request(
+            created.order_id, payment_method="declined_card", amount=money(1999, 980_000_000)
+        )
     )
     order = await finished(rules, created.order_id)
 
@@ -181,9 +156,9 @@ async def test_declined_card_cancels_and_compensates(rules: Stack) -> None:
     # Never captured, so nothing to refund; the items go back on the shelf.
     assert not order.HasField("payment_info")
     assert not order.HasField("refund_info")
-    assert rules.activities.charge_count(f"{created.order_id}/charge/TXN-1") == 0
+    assert f"{created.order_id}/charge/TXN-1" not in rules.activities.payments.charges
     assert order.inventory_info.released
-    assert rules.activities.stock_level(product) == 10
+    assert rules.activities.inventory.stock_level(product) == 10
     sent = emails(rules.outbox, created.order_id)
     assert set(sent) == {"order_received", "order_cancelled"}
     assert "Card declined by the gateway" in sent["order_cancelled"]
@@ -192,29 +167,35 @@ async def test_declined_card_cancels_and_compensates(rules: Stack) -> None:
 async def test_charge_over_the_limit_is_declined(rules: Stack) -> None:
     # 6 × 999.99 = 5999.94, over the 5000 limit.
     created = await rules.stub.CreateOrder(create_request(items=[item(new_product(), 6)]))
-    await rules.stub.ConfirmPayment(pay_request(created.order_id, amount=money(5999, 940_000_000)))
+    await rules.stub.ConfirmPayment(
+        payment_request(created.order_id, amount=money(5999, 940_000_000))
+    )
     order = await finished(rules, created.order_id)
     assert order.status == S.ORDER_STATUS_CANCELLED
     assert order.cancellation_reason == (
         "Payment failed: Charge of USD 5999.94 declined by the gateway: above the limit of 5000"
     )
     assert order.inventory_info.released
-    assert rules.activities.charge_count(f"{created.order_id}/charge/TXN-1") == 0
+    assert f"{created.order_id}/charge/TXN-1" not in rules.activities.payments.charges
 
 
 async def test_orders_within_the_rules_go_through(rules: Stack) -> None:
     product = new_product()
     # 5 × 999.99 = 4999.95: under the limit, and the last 10 units of the product.
     created = await rules.stub.CreateOrder(create_request(items=[item(product, 5)]))
-    await rules.stub.ConfirmPayment(pay_request(created.order_id, amount=money(4999, 950_000_000)))
+    await rules.stub.ConfirmPayment(
+        payment_request(created.order_id, amount=money(4999, 950_000_000))
+    )
     await order_reaching(rules, created.order_id, S.ORDER_STATUS_DELIVERED)
     second = await rules.stub.CreateOrder(create_request(items=[item(product, 5)]))
-    await rules.stub.ConfirmPayment(pay_request(second.order_id, amount=money(4999, 950_000_000)))
+    await rules.stub.ConfirmPayment(
+        payment_request(second.order_id, amount=money(4999, 950_000_000))
+    )
     for order_id in (created.order_id, second.order_id):
         order = await finished(rules, order_id)
         assert order.status == S.ORDER_STATUS_DELIVERED
-        assert rules.activities.charge_count(f"{order_id}/charge/TXN-1") == 1
-    assert rules.activities.stock_level(product) == 0  # delivered goods stay taken
+        assert f"{order_id}/charge/TXN-1" in rules.activities.payments.charges
+    assert rules.activities.inventory.stock_level(product) == 0  # delivered goods stay taken
 
 
 # --- Transient failures: retried, and the order completes ------------------------------
@@ -224,14 +205,14 @@ async def test_transient_failures_are_retried_and_the_order_is_delivered(
     stack: Stack, tmp_path: Path
 ) -> None:
     # Two steps only, to keep it short: 2 failures are 1 s + 2 s of backoff each.
-    simulation = dataclasses.replace(
-        SimulationConfig.instant(tmp_path / "outbox"),
-        fail_first_attempts=2,
-        fail_activities=frozenset({"charge_payment", "ship_order"}),
+    simulation = ProviderSettings.instant(
+        tmp_path / "outbox",
+        sim_fail_first_attempts=2,
+        sim_fail_activities=frozenset({"charge_payment", "ship_order"}),
     )
     async with open_stack(stack.client, tmp_path / "outbox", simulation=simulation) as flaky:
         created = await flaky.stub.CreateOrder(create_request())
-        await flaky.stub.ConfirmPayment(pay_request(created.order_id))
+        await flaky.stub.ConfirmPayment(payment_request(created.order_id))
         order = await order_reaching(flaky, created.order_id, S.ORDER_STATUS_DELIVERED)
         handle = flaky.client.get_workflow_handle(created.workflow_id)
         await handle.result()
@@ -240,8 +221,8 @@ async def test_transient_failures_are_retried_and_the_order_is_delivered(
         assert order.payment_info.transaction_id == "TXN-1"
         assert order.shipment_info.tracking_number
         # Charged once, however often the gateway was tried.
-        assert flaky.activities.charge_count(f"{created.order_id}/charge/TXN-1") == 1
-        assert len(flaky.activities.shipments) == 1
+        assert f"{created.order_id}/charge/TXN-1" in flaky.activities.payments.charges
+        assert len(flaky.activities.shipping.shipments) == 1
         attempts = activity_attempts(history)
         assert attempts["charge_payment"] == [3]
         assert attempts["ship_order"] == [3]
@@ -274,20 +255,20 @@ async def test_compensation_is_retried_when_the_workflow_is_cancelled(
 ) -> None:
     """`temporal workflow cancel` while packing; refund and release each fail twice first."""
     product = new_product()
-    simulation = dataclasses.replace(
-        SimulationConfig.instant(tmp_path / "outbox"),
-        prepare=30.0,
-        stock={product: 2},
-        fail_first_attempts=2,
-        fail_activities=frozenset({"refund_payment", "release_inventory"}),
+    simulation = ProviderSettings.instant(
+        tmp_path / "outbox",
+        sim_prepare_seconds=30.0,
+        sim_stock={product: 2},
+        sim_fail_first_attempts=2,
+        sim_fail_activities=frozenset({"refund_payment", "release_inventory"}),
     )
     async with open_stack(stack.client, tmp_path / "outbox", simulation=simulation) as flaky:
         created = await flaky.stub.CreateOrder(create_request(items=[item(product, 2)]))
         await flaky.stub.ConfirmPayment(
-            pay_request(created.order_id, amount=money(1999, 980_000_000))
+            payment_request(created.order_id, amount=money(1999, 980_000_000))
         )
         await order_reaching(flaky, created.order_id, S.ORDER_STATUS_PREPARING)
-        assert flaky.activities.stock_level(product) == 0
+        assert flaky.activities.inventory.stock_level(product) == 0
 
         handle = flaky.client.get_workflow_handle(created.workflow_id)
         await handle.cancel()
@@ -301,8 +282,9 @@ async def test_compensation_is_retried_when_the_workflow_is_cancelled(
         assert order.cancellation_reason == "Order workflow was cancelled"
         assert order.refund_info.transaction_id == "TXN-1"
         assert order.inventory_info.released
-        assert flaky.activities.refund_count(f"{created.order_id}/refund/TXN-1") == 1
-        assert flaky.activities.stock_level(product) == 2  # given back once, not three times
+        assert f"{created.order_id}/refund/TXN-1" in flaky.activities.payments.refunds
+        # Given back once, not three times.
+        assert flaky.activities.inventory.stock_level(product) == 2
         attempts = activity_attempts(await handle.fetch_history())
         assert attempts["refund_payment"] == [3]
         assert attempts["release_inventory"] == [3]
@@ -312,10 +294,10 @@ async def test_compensation_is_retried_after_the_payment_timeout(
     stack: Stack, tmp_path: Path
 ) -> None:
     # One failure is enough to show the retry (the test above shows two).
-    simulation = dataclasses.replace(
-        SimulationConfig.instant(tmp_path / "outbox"),
-        fail_first_attempts=1,
-        fail_activities=frozenset({"release_inventory"}),
+    simulation = ProviderSettings.instant(
+        tmp_path / "outbox",
+        sim_fail_first_attempts=1,
+        sim_fail_activities=frozenset({"release_inventory"}),
     )
     async with open_stack(
         stack.client, tmp_path / "outbox", simulation=simulation, payment_timeout_seconds=1
@@ -325,7 +307,7 @@ async def test_compensation_is_retried_after_the_payment_timeout(
         assert order.status == S.ORDER_STATUS_CANCELLED
         assert order.cancellation_reason == "Payment not received within 1 s"
         assert order.inventory_info.released
-        assert flaky.activities.reservations[created.order_id].released
+        assert flaky.activities.inventory.reservations[created.order_id].released
         handle = flaky.client.get_workflow_handle(created.workflow_id)
         assert activity_attempts(await handle.fetch_history())["release_inventory"] == [2]
         assert "order_cancelled" in emails(flaky.outbox, created.order_id)

@@ -59,7 +59,9 @@ from temporalio.client import WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.conftest import Stack, create_request, eventually, money, open_stack
+from tests.support.orders import create_request, money
+from tests.support.polling import eventually
+from tests.support.stack import Stack, open_stack
 
 T = TypeVar("T")
 Code = grpc.StatusCode

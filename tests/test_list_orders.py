@@ -22,7 +22,9 @@ from temporalio.client import WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.conftest import LAPTOP_PRICE, Stack, create_request, eventually, order_reaching
+from tests.support.orders import LAPTOP_PRICE, create_request
+from tests.support.polling import eventually
+from tests.support.stack import Stack, order_reaching
 from workflows import models, search_attributes
 
 S = pb.OrderStatus

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
@@ -23,7 +22,7 @@ import ssl
 import sys
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +34,32 @@ from temporalio.service import TLSConfig
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from infra import logs, temporal_connection
-from infra.temporal_connection import TemporalConnection, connect_options
-from infra.temporal_runtime import bind_address
-from server.config import from_args as server_args
-from tests.conftest import LAPTOP_PRICE, create_request, eventually
-from tests.test_worker import free_port
-from worker.config import from_args as worker_args
-
-ROOT = Path(__file__).resolve().parent.parent
+from infra import logs, temporal_client
+from infra.temporal_client import bind_address
+from server.platform.settings import ServerSettings
+from tests.support.env import ROOT, free_port, settings_from
+from tests.support.orders import LAPTOP_PRICE, create_request
+from tests.support.polling import eventually
+from tests.support.proxy import Proxy
+from worker.settings import WorkerSettings
 
 # --- The connection settings -----------------------------------------------------------
 
 
+def server_args(argv: list[str], environ: dict[str, str]) -> ServerSettings:
+    return settings_from(ServerSettings, argv, environ)
+
+
+def worker_args(argv: list[str], environ: dict[str, str]) -> WorkerSettings:
+    return settings_from(WorkerSettings, argv, environ)
+
+
 def test_defaults_are_the_plain_text_dev_server() -> None:
-    for config in (server_args([], {}), worker_args([], {})):
-        assert config.temporal == TemporalConnection("localhost:7233", "default")
-        assert connect_options(config.temporal) == {
+    for settings in (server_args([], {}), worker_args([], {})):
+        assert settings.temporal_connect_config() == {
+            "target_host": "localhost:7233",
             "namespace": "default",
             "tls": False,
-            "api_key": None,
         }
 
 
@@ -66,13 +71,13 @@ def test_the_temporal_cli_variables_then_flags_win() -> None:
         "TEMPORAL_TLS_SERVER_NAME": "frontend.internal",
     }
     for parse in (server_args, worker_args):
-        connection = parse([], env).temporal
-        assert connection == TemporalConnection(
+        config = parse([], env).temporal_connect_config()
+        assert (config["target_host"], config["namespace"], config["api_key"]) == (
             "orders.a1b2c.tmprl.cloud:7233",
             "orders.a1b2c",
-            tls_server_name="frontend.internal",
-            api_key="key-from-env",
+            "key-from-env",
         )
+        assert config["tls"] == TLSConfig(domain="frontend.internal")
         flags = [
             "--temporal-address", "temporal.internal:7233",
             "--namespace", "shop",
@@ -84,24 +89,26 @@ def test_the_temporal_cli_variables_then_flags_win() -> None:
         with pytest.raises(SystemExit) as caught:
             parse(flags, env)
         assert caught.value.code == 2
-        connection = parse(flags[:-2], {**env, "TEMPORAL_TLS_SERVER_NAME": ""}).temporal
-        assert (connection.address, connection.namespace, connection.api_key) == (
+        config = parse(
+            flags[:-2], {**env, "TEMPORAL_TLS_SERVER_NAME": ""}
+        ).temporal_connect_config()
+        assert (config["target_host"], config["namespace"], config["api_key"]) == (
             "temporal.internal:7233",
             "shop",
             "key-from-flag",
         )
-        assert connect_options(connection)["tls"] is False
+        assert config["tls"] is False
         # --temporal-namespace is the same setting as --namespace.
-        assert parse(["--temporal-namespace", "eu"], {}).temporal.namespace == "eu"
+        assert parse(["--temporal-namespace", "eu"], {}).temporal_connection.namespace == "eu"
 
 
 def test_an_api_key_implies_tls_as_for_temporal_cloud() -> None:
-    options = connect_options(TemporalConnection("x.tmprl.cloud:7233", "x", api_key="k"))
-    assert options == {"namespace": "x", "tls": True, "api_key": "k"}
+    env = {"TEMPORAL_ADDRESS": "x.tmprl.cloud:7233", "TEMPORAL_API_KEY": "k"}
+    config = server_args([], env).temporal_connect_config()
+    assert (config["tls"], config["api_key"]) == (True, "k")
     # Unless TLS is turned off, e.g. for a local proxy that adds it.
-    options = connect_options(TemporalConnection("proxy:7233", tls=False, api_key="k"))
-    assert options["tls"] is False
-    assert worker_args([], {"TEMPORAL_TLS": "true"}).temporal.uses_tls
+    assert server_args(["--no-temporal-tls"], env).temporal_connect_config()["tls"] is False
+    assert worker_args([], {"TEMPORAL_TLS": "true"}).temporal_connect_config()["tls"]
 
 
 def test_tls_files_are_read_into_the_client_tls_config(tmp_path: Path) -> None:
@@ -113,10 +120,9 @@ def test_tls_files_are_read_into_the_client_tls_config(tmp_path: Path) -> None:
         "TEMPORAL_TLS_CLIENT_KEY_PATH": str(tmp_path / "client.key"),
         "TEMPORAL_TLS_SERVER_NAME": "temporal.internal",
     }
-    connection = server_args([], env).temporal
-    assert connection.describe() == "localhost:7233 (namespace default, mTLS)"
-    tls = connect_options(connection)["tls"]
-    assert tls == TLSConfig(
+    settings = server_args([], env)
+    assert settings.describe_temporal() == "localhost:7233 (namespace default, mTLS)"
+    assert settings.temporal_connect_config()["tls"] == TLSConfig(
         server_root_ca_cert=b"--- ca.pem ---",
         client_cert=b"--- client.pem ---",
         client_private_key=b"--- client.key ---",
@@ -126,17 +132,40 @@ def test_tls_files_are_read_into_the_client_tls_config(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         worker_args(["--temporal-tls-cert-path", str(tmp_path / "client.pem")], {})
     (tmp_path / "ca.pem").unlink()
-    with pytest.raises(OSError, match=r"server CA certificate .*ca\.pem"):
-        connect_options(connection)
+    with pytest.raises(OSError, match=r"cannot read a Temporal TLS file: .*ca\.pem"):
+        settings.temporal_connect_config()
+
+
+def test_profiles_pem_data_and_grpc_metadata_come_from_envconfig(tmp_path: Path) -> None:
+    config_file = tmp_path / "temporal.toml"
+    config_file.write_text(
+        '[profile.default]\naddress = "default.internal:7233"\n'
+        '[profile.prod]\naddress = "prod.internal:7233"\nnamespace = "orders-prod"\n'
+        '[profile.prod.tls]\nserver_name = "prod.frontend"\n'
+    )
+    env = {"TEMPORAL_CONFIG_FILE": str(config_file)}
+    assert server_args([], env).temporal_connection.address == "default.internal:7233"
+    prod = server_args(["--temporal-profile", "prod"], env)
+    assert prod.describe_temporal() == "prod.internal:7233 (namespace orders-prod, TLS)"
+    assert prod.temporal_connect_config()["tls"] == TLSConfig(domain="prod.frontend")
+    # The variables win over the profile, and the flags over both.
+    env |= {"TEMPORAL_PROFILE": "prod", "TEMPORAL_NAMESPACE": "from-env"}
+    assert worker_args([], env).temporal_connection.namespace == "from-env"
+    assert worker_args(["--namespace", "flag"], env).temporal_connection.namespace == "flag"
+    data = server_args(
+        [], {"TEMPORAL_TLS_SERVER_CA_CERT_DATA": "PEM", "TEMPORAL_GRPC_META_X_TENANT": "eu"}
+    ).temporal_connect_config()
+    assert data["tls"] == TLSConfig(server_root_ca_cert=b"PEM")
+    assert data["rpc_metadata"] == {"x-tenant": "eu"}
 
 
 def test_the_api_key_is_never_shown(capsys: pytest.CaptureFixture[str]) -> None:
-    connection = TemporalConnection("x.tmprl.cloud:7233", api_key="sekrit-api-key")
-    assert "sekrit" not in repr(connection)
-    assert "sekrit" not in repr(server_args([], {"TEMPORAL_API_KEY": "sekrit-api-key"}))
-    assert connection.describe() == "x.tmprl.cloud:7233 (namespace default, TLS, API key)"
+    env = {"TEMPORAL_ADDRESS": "x.tmprl.cloud:7233", "TEMPORAL_API_KEY": "sekrit-api-key"}
+    settings = server_args([], env)
+    assert "sekrit" not in repr(settings)
+    assert settings.describe_temporal() == "x.tmprl.cloud:7233 (namespace default, TLS, API key)"
     with pytest.raises(SystemExit):
-        server_args(["--help"], {"TEMPORAL_API_KEY": "sekrit-api-key"})
+        server_args(["--help"], env)
     assert "sekrit" not in capsys.readouterr().out
 
 
@@ -146,6 +175,8 @@ def test_the_api_key_is_never_shown(capsys: pytest.CaptureFixture[str]) -> None:
         (worker_args, [], {"TEMPORAL_TLS": "maybe"}),
         (server_args, [], {"TEMPORAL_ADDRESS": "  "}),
         (server_args, ["--temporal-address", ""], {}),
+        (server_args, ["--temporal-profile", "nope"], {}),
+        (server_args, [], {"TEMPORAL_CONFIG_FILE": "/nonexistent/temporal.toml"}),
         (server_args, [], {"ORDER_LOG_FORMAT": "xml"}),
         (worker_args, ["--log-level", "loud"], {}),
         (server_args, [], {"ORDER_METRICS_PORT": "http"}),
@@ -170,12 +201,9 @@ def test_the_sdk_metrics_address_is_an_ip_literal() -> None:
 
 
 def test_log_and_metrics_settings() -> None:
-    config = server_args(["--log-format", "json", "--metrics-port", "0"], {})
-    assert (config.log, config.metrics_port, config.metrics_host) == (
-        logs.LogSettings("json", "INFO"),
-        0,
-        None,
-    )
+    settings = server_args(["--log-format", "json", "--metrics-port", "0"], {})
+    assert (settings.log_format, settings.log_level) == ("json", "INFO")
+    assert (settings.metrics_port, settings.metrics_host) == (0, None)
     env = {
         "ORDER_LOG_FORMAT": "json",
         "ORDER_LOG_LEVEL": "debug",
@@ -183,22 +211,14 @@ def test_log_and_metrics_settings() -> None:
         "ORDER_WORKER_METRICS_HOST": "0.0.0.0",
     }
     worker = worker_args([], env)
-    assert (worker.log, worker.metrics_port, worker.metrics_host) == (
-        logs.LogSettings("json", "DEBUG"),
-        9464,
-        "0.0.0.0",
-    )
-    assert worker_args(["--log-format", "text", "--metrics-port", "9000"], env).log.format == (
+    assert (worker.log_format, worker.log_level) == ("json", "DEBUG")
+    assert (worker.metrics_port, worker.metrics_host) == (9464, "0.0.0.0")
+    assert worker_args(["--log-format", "text", "--metrics-port", "9000"], env).log_format == (
         "text"
     )
 
 
 def test_json_lines_carry_the_rpc_and_its_order() -> None:
-    class Call:
-        rpc = "GetOrder"
-        order_id = ""
-        workflow_id = ""
-
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.addFilter(logs.OrderContextFilter())
@@ -209,11 +229,10 @@ def test_json_lines_carry_the_rpc_and_its_order() -> None:
     log.setLevel(logging.INFO)
 
     async def rpc() -> None:
-        call = Call()
-        logs.bind_rpc(call)
-        log.warning("before validation")
-        call.order_id, call.workflow_id = "ORD-1", "order-ORD-1"
-        log.info("after %s", "validation")
+        with logs.rpc_context("GetOrder"):
+            log.warning("no order in the request")
+        with logs.rpc_context("GetOrder", "ORD-1"):
+            log.info("about %s", "an order")
 
     try:
         asyncio.run(rpc())
@@ -225,7 +244,7 @@ def test_json_lines_carry_the_rpc_and_its_order() -> None:
     assert "order_id" not in first
     assert (first["level"], first["logger"]) == ("WARNING", "tests.operations.json")
     assert {k: second[k] for k in ("message", "rpc", "order_id", "workflow_id")} == {
-        "message": "after validation",
+        "message": "about an order",
         "rpc": "GetOrder",
         "order_id": "ORD-1",
         "workflow_id": "order-ORD-1",
@@ -236,32 +255,6 @@ def test_json_lines_carry_the_rpc_and_its_order() -> None:
 
 
 # --- A real mutual-TLS connection -------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def tls_proxy(target: str, context: ssl.SSLContext) -> AsyncIterator[int]:
-    """A TLS-terminating proxy on a free loopback port in front of `target` (plain text)."""
-    host, port = target.rsplit(":", 1)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
 
 
 async def test_a_client_reaches_temporal_over_mutual_tls(
@@ -279,27 +272,25 @@ async def test_a_client_reaches_temporal_over_mutual_tls(
     client_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
     client_cert.private_key_pem.write_to_path(str(tmp_path / "client.key"))
 
-    async with tls_proxy(temporal_address, context) as port:
+    # A TLS-terminating proxy in front of the dev server (plain text).
+    async with Proxy(temporal_address, tls=context) as proxy:
         env = {
-            "TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
+            "TEMPORAL_ADDRESS": proxy.address,
             "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(tmp_path / "ca.pem"),
             "TEMPORAL_TLS_CLIENT_CERT_PATH": str(tmp_path / "client.pem"),
             "TEMPORAL_TLS_CLIENT_KEY_PATH": str(tmp_path / "client.key"),
             "TEMPORAL_TLS_SERVER_NAME": "temporal.internal",
         }
-        connection = worker_args([], env).temporal
-        client = await asyncio.wait_for(temporal_connection.connect(connection), timeout=15)
+        settings = worker_args([], env)
+        client = await asyncio.wait_for(temporal_client.connect(settings), timeout=15)
         assert await client.service_client.check_health()
         async for _ in client.list_workflows(page_size=1):
             break
         # Without the client certificate the proxy refuses the handshake.
-        anonymous = TemporalConnection(
-            f"127.0.0.1:{port}",
-            tls_ca_path=tmp_path / "ca.pem",
-            tls_server_name="temporal.internal",
-        )
+        del env["TEMPORAL_TLS_CLIENT_CERT_PATH"], env["TEMPORAL_TLS_CLIENT_KEY_PATH"]
+        anonymous = worker_args([], env)
         with pytest.raises(RuntimeError):
-            await asyncio.wait_for(temporal_connection.connect(anonymous), timeout=15)
+            await asyncio.wait_for(temporal_client.connect(anonymous), timeout=15)
 
 
 # --- Real processes: metrics and JSON logs ----------------------------------------------

@@ -9,18 +9,10 @@ from pathlib import Path
 from temporalio.client import WorkflowExecutionStatus
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.conftest import LAPTOP_PRICE, Stack, create_request, money, open_stack, order_reaching
+from tests.support.orders import LAPTOP_PRICE, create_request, money, payment_request
+from tests.support.stack import Stack, open_stack, order_reaching
 
 S = pb.OrderStatus
-
-
-def pay_request(order_id: str, transaction_id: str = "TXN-12345") -> pb.ConfirmPaymentRequest:
-    return pb.ConfirmPaymentRequest(
-        order_id=order_id,
-        transaction_id=transaction_id,
-        amount=LAPTOP_PRICE,
-        payment_method="credit_card",
-    )
 
 
 def email_subjects(outbox: Path, order_id: str) -> dict[str, str]:
@@ -42,7 +34,7 @@ async def test_happy_path(stack: Stack) -> None:
     status = await stack.stub.GetOrderStatus(pb.GetOrderStatusRequest(order_id=created.order_id))
     assert status.status == S.ORDER_STATUS_PENDING
 
-    paid = await stack.stub.ConfirmPayment(pay_request(created.order_id))
+    paid = await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-12345"))
     assert paid.order_id == created.order_id
 
     order = await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED)
@@ -100,7 +92,7 @@ async def test_cancel_before_payment(stack: Stack) -> None:
 async def test_cancel_after_payment_refunds_and_releases(slow_stack: Stack) -> None:
     stack = slow_stack
     created = await stack.stub.CreateOrder(create_request())
-    await stack.stub.ConfirmPayment(pay_request(created.order_id))
+    await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-12345"))
     await order_reaching(stack, created.order_id, S.ORDER_STATUS_PREPARING)
     await stack.stub.CancelOrder(
         pb.CancelOrderRequest(order_id=created.order_id, reason="Changed my mind")
@@ -126,7 +118,7 @@ async def test_cancel_after_payment_refunds_and_releases(slow_stack: Stack) -> N
 
 async def test_query_completed_order(stack: Stack) -> None:
     created = await stack.stub.CreateOrder(create_request())
-    await stack.stub.ConfirmPayment(pay_request(created.order_id))
+    await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-12345"))
     handle = stack.client.get_workflow_handle(created.workflow_id)
     await handle.result()
     assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,9 +13,9 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
-from tests.conftest import venv_binary
+from activities.providers import ProviderSettings
+from tests.support.env import venv_binary
 from worker.app import build_worker
 from workflows import search_attributes
 from workflows.models import (
@@ -79,7 +78,7 @@ async def test_no_payment_in_24_hours_cancels(
     skipping: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     task_queue = f"ts-{uuid.uuid4().hex[:8]}"
-    activities = OrderActivities(SimulationConfig.instant(str(tmp_path)))
+    activities = OrderActivities(ProviderSettings.instant(tmp_path))
     async with build_worker(skipping.client, task_queue, activities):
         handle = await start_order(skipping, task_queue)
         state = await handle.result()  # the server skips the 24 hours
@@ -94,7 +93,7 @@ async def test_payment_within_24_hours_completes(
     skipping: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     task_queue = f"ts-{uuid.uuid4().hex[:8]}"
-    activities = OrderActivities(SimulationConfig.instant(str(tmp_path)))
+    activities = OrderActivities(ProviderSettings.instant(tmp_path))
     async with build_worker(skipping.client, task_queue, activities):
         handle = await start_order(skipping, task_queue)
         await skipping.sleep(timedelta(hours=23, minutes=59))
@@ -110,10 +109,8 @@ async def test_gateway_without_verdict_for_an_hour_cancels_and_refunds(
 ) -> None:
     """A charge that keeps failing may have gone through: the order refunds it to be sure."""
     task_queue = f"ts-{uuid.uuid4().hex[:8]}"
-    simulation = replace(
-        SimulationConfig.instant(str(tmp_path)),
-        failure_rate=1.0,
-        fail_activities=frozenset({"charge_payment"}),
+    simulation = ProviderSettings.instant(
+        tmp_path, sim_failure_rate=1.0, sim_fail_activities=frozenset({"charge_payment"})
     )
     activities = OrderActivities(simulation)
     async with build_worker(skipping.client, task_queue, activities):

@@ -18,17 +18,10 @@ from grpc_status import rpc_status
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from infra.temporal_connection import TemporalConnection
-from server.app import start_server
-from server.config import ServerConfig
-from tests.conftest import (
-    LAPTOP_PRICE,
-    Stack,
-    async_stub,
-    create_request,
-    money,
-    order_reaching,
-)
+from server.platform.app import start_server
+from server.platform.settings import ServerSettings
+from tests.support.orders import LAPTOP_PRICE, create_request, money
+from tests.support.stack import Stack, async_stub, order_reaching
 from workflows.models import CONFIRM_PAYMENT_SIGNAL, PaymentRequest
 from workflows.money import Money
 
@@ -82,7 +75,7 @@ async def test_same_transaction_twice_is_charged_once(stack: Stack) -> None:
     assert order.status == S.ORDER_STATUS_DELIVERED
     assert order.payment_info.transaction_id == "TXN-DUP"
     assert list(order.rejected_payments) == []
-    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-DUP") == 1
+    assert f"{created.order_id}/charge/TXN-DUP" in stack.activities.payments.charges
 
 
 async def test_second_transaction_for_paid_order_is_refused(stack: Stack) -> None:
@@ -92,7 +85,7 @@ async def test_second_transaction_for_paid_order_is_refused(stack: Stack) -> Non
         await stack.stub.ConfirmPayment(pay(created.order_id, "TXN-B"))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await stack.client.get_workflow_handle(created.workflow_id).result()
-    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-B") == 0
+    assert f"{created.order_id}/charge/TXN-B" not in stack.activities.payments.charges
 
 
 async def test_payment_for_cancelled_or_delivered_order_is_refused(stack: Stack) -> None:
@@ -107,7 +100,7 @@ async def test_payment_for_cancelled_or_delivered_order_is_refused(stack: Stack)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stack.stub.ConfirmPayment(pay(order_id, "TXN-LATE"))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert stack.activities.charge_count(f"{order_id}/charge/TXN-LATE") == 0
+        assert f"{order_id}/charge/TXN-LATE" not in stack.activities.payments.charges
 
 
 async def test_raw_signals_are_checked_by_the_workflow(stack: Stack) -> None:
@@ -138,8 +131,8 @@ async def test_raw_signals_are_checked_by_the_workflow(stack: Stack) -> None:
     assert rejected.keys() == {"TXN-SHORT", "TXN-EUR", "TXN-SECOND"}
     assert "already paid by transaction TXN-OK" in rejected["TXN-SECOND"]
     for txn in ("TXN-SHORT", "TXN-EUR", "TXN-SECOND"):
-        assert stack.activities.charge_count(f"{created.order_id}/charge/{txn}") == 0
-    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-OK") == 1
+        assert f"{created.order_id}/charge/{txn}" not in stack.activities.payments.charges
+    assert f"{created.order_id}/charge/TXN-OK" in stack.activities.payments.charges
 
 
 async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
@@ -154,7 +147,7 @@ async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
     assert order.status == S.ORDER_STATUS_CANCELLED
     assert not order.HasField("payment_info")
     assert [r.transaction_id for r in order.rejected_payments] == ["TXN-AFTER"]
-    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-AFTER") == 0
+    assert f"{created.order_id}/charge/TXN-AFTER" not in stack.activities.payments.charges
 
 
 async def test_refused_and_repeated_payments_write_nothing_to_history(stack: Stack) -> None:
@@ -177,17 +170,17 @@ async def test_refused_and_repeated_payments_write_nothing_to_history(stack: Sta
     assert signalled == [CONFIRM_PAYMENT_SIGNAL]
     order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
     assert list(order.rejected_payments) == []
-    assert stack.activities.charge_count(f"{created.order_id}/charge/TXN-1") == 1
+    assert f"{created.order_id}/charge/TXN-1" in stack.activities.payments.charges
 
 
 async def test_a_write_with_no_worker_is_unavailable_before_the_deadline(
     temporal: WorkflowEnvironment,
 ) -> None:
     """The query before the signal needs a worker: without one, UNAVAILABLE in time."""
-    config = ServerConfig(
+    config = ServerSettings(
         host="127.0.0.1",
         port=0,
-        temporal=TemporalConnection(temporal.client.service_client.config.target_host),
+        temporal_address=temporal.client.service_client.config.target_host,
         task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
     )
     server = await start_server(config, client=temporal.client)

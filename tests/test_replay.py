@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
-from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
+from activities.providers import ProviderSettings
 from tests.histories import record
 from workflows.models import (
     CANCEL_ORDER_SIGNAL,
@@ -272,7 +271,7 @@ async def run_cancelled_after_payment(
 ) -> tuple[OrderState, WorkflowHistory]:
     """A new order on `workflow_class`: paid, cancelled while packing, compensated."""
     task_queue = f"replay-{uuid.uuid4().hex[:8]}"
-    simulation = replace(SimulationConfig.instant(outbox), prepare=record.SLOW_PREPARE_SECONDS)
+    simulation = ProviderSettings.instant(outbox, sim_prepare_seconds=record.SLOW_PREPARE_SECONDS)
     activities = OrderActivities(simulation)
     order_id = f"ORD-PATCH{uuid.uuid4().hex[:11].upper()}"
     async with Worker(

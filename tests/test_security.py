@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,14 @@ from grpc_status import rpc_status
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from server import tokens
-from server.app import OrderServer, start_server
-from server.config import ServerConfig, from_args
-from tests.conftest import (
-    LAPTOP_PRICE,
-    Stack,
-    async_stub,
-    create_request,
-    eventually,
-    venv_binary,
-)
-from tests.test_tooling import run
+from server import tokens as tokens_cli
+from server.platform import tokens
+from server.platform.app import OrderServer, start_server
+from server.platform.settings import ServerSettings
+from tests.support.env import run, settings_from, venv_binary, with_changes
+from tests.support.orders import LAPTOP_PRICE, create_request
+from tests.support.polling import eventually
+from tests.support.stack import Stack, async_stub
 
 SERVICE = "acme.orders.v1.OrderService"
 ALL_RPCS = frozenset(tokens.ORDER_METHODS)
@@ -121,16 +117,16 @@ class Tokens:
 def auth_tokens(tmp_path_factory: pytest.TempPathFactory) -> Tokens:
     by_role = {role: tokens.new_token() for role in tokens.ROLES}
     expired, status_reader = tokens.new_token(), tokens.new_token()
-    entries = [tokens.entry_toml(role, token, role=role) for role, token in by_role.items()]
+    entries = [tokens_cli.entry_toml(role, token, role=role) for role, token in by_role.items()]
     entries.append(
-        tokens.entry_toml(
+        tokens_cli.entry_toml(
             "old-storefront",
             expired,
             role="storefront",
             expires=tokens.parse_expiry("2020-01-01T00:00:00Z"),
         )
     )
-    entries.append(tokens.entry_toml("status-board", status_reader, methods=["GetOrderStatus"]))
+    entries.append(tokens_cli.entry_toml("status-board", status_reader, methods=["GetOrderStatus"]))
     path = tmp_path_factory.mktemp("auth") / "tokens.toml"
     path.write_text("\n".join(entries))
     return Tokens(path, by_role, expired, status_reader)
@@ -151,7 +147,9 @@ def tls_credentials(pki: Pki, *, client_cert: bool = False) -> grpc.ChannelCrede
 @asynccontextmanager
 async def serving(stack: Stack, **changes: Any) -> AsyncIterator[OrderServer]:
     """Another gRPC server in front of the stack's worker, with the settings changed."""
-    server = await start_server(replace(stack.server.config, port=0, **changes), stack.client)
+    server = await start_server(
+        with_changes(stack.server.settings, port=0, **changes), stack.client
+    )
     try:
         yield server
     finally:
@@ -522,19 +520,23 @@ async def test_reflection_off(stack: Stack, auth_tokens: Tokens) -> None:
 
 async def test_no_tokens_configured_works_like_before(stack: Stack) -> None:
     """The default: loopback, plain text, no token needed, reflection open."""
-    assert stack.server.config.auth_tokens_file is None
+    assert stack.server.settings.auth_tokens_file is None
     created = await stack.stub.CreateOrder(create_request())
     assert created.status == pb.OrderStatus.ORDER_STATUS_PENDING
     listed = await run(venv_binary("grpcurl"), "-plaintext", stack.target, "list")
     assert listed.returncode == 0, listed.stderr
 
 
-async def test_start_server_refuses_plain_text_beyond_loopback(stack: Stack) -> None:
+def test_settings_built_in_code_refuse_plain_text_beyond_loopback(stack: Stack) -> None:
     with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0 without TLS"):
-        await start_server(replace(stack.server.config, host="0.0.0.0", port=0), stack.client)
+        with_changes(stack.server.settings, host="0.0.0.0", port=0)
 
 
 # --- Configuration ------------------------------------------------------------------------
+
+
+def from_args(argv: list[str], environ: dict[str, str]) -> ServerSettings:
+    return settings_from(ServerSettings, argv, environ)
 
 
 def test_security_defaults() -> None:
@@ -557,7 +559,7 @@ def test_security_flags(pki: Pki, auth_tokens: Tokens) -> None:
         ],
         {},
     )  # fmt: skip
-    assert config == ServerConfig(
+    assert config == ServerSettings(
         host="0.0.0.0",
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,
@@ -576,7 +578,7 @@ def test_security_environment(pki: Pki, auth_tokens: Tokens) -> None:
         "ORDER_AUTH_TOKENS_FILE": str(auth_tokens.path),
         "ORDER_REFLECTION": "false",
     }
-    assert from_args([], environment) == ServerConfig(
+    assert from_args([], environment) == ServerSettings(
         host="::",
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,
@@ -617,7 +619,7 @@ def bad_configurations(pki: Pki, tokens_path: Path, tmp: Path) -> list[tuple[lis
         (["--tls-cert", str(pki.client_cert), "--tls-key", key], "cannot use certificate"),
         (["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", str(tokens_path)], "client CA"),
         (["--auth-tokens-file", str(broken_tokens)], "token_sha256 must be 64 hex digits"),
-        (["--reflection", "maybe"], "argument --reflection: invalid value 'maybe'"),
+        (["--reflection", "maybe"], "--reflection / ORDER_REFLECTION ('maybe'): Input should be"),
     ]
 
 
@@ -634,4 +636,6 @@ def test_bad_security_settings_exit_2_with_a_clear_message(
 def test_a_bad_environment_value_names_the_variable(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         from_args([], {"ORDER_AUTH_TOKENS_FILE": "/nonexistent/tokens.toml"})
-    assert "environment variable ORDER_AUTH_TOKENS_FILE: no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--auth-tokens-file / ORDER_AUTH_TOKENS_FILE ('/nonexistent/tokens.toml')" in err
+    assert "no such file" in err

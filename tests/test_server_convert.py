@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.type.money_pb2 import Money as PbMoney
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server import convert
+from server.api import convert
 from workflows import models
 from workflows.money import Money
 

@@ -17,7 +17,7 @@ from temporalio.client import WorkflowQueryFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from server import errors
+from server.api import errors
 from workflows import models
 
 M = TypeVar("M", bound=Message)

@@ -7,7 +7,7 @@ import re
 from google.type.money_pb2 import Money
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server import ids
+from server.api import ids
 from workflows import models
 
 ORDER_ID = re.compile(r"ORD-[0-9ABCDEFGHJKMNPQRSTVWXYZ]{16}")

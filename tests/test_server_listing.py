@@ -12,14 +12,23 @@ import sqlite3
 import string
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server import listing, validation
-from server.errors import InvalidArgument
-from server.listing import ListedOrder, ListFilter, ListRequest, OrderLister, PageToken
+from server.api import validation
+from server.api.errors import InvalidArgument
+from server.temporal import listing
+from server.temporal.listing import (
+    ListedOrder,
+    ListFilter,
+    ListRequest,
+    OrderLister,
+    PageToken,
+    TemporalVisibility,
+)
 from workflows import models
 from workflows.money import Money
 
@@ -345,7 +354,7 @@ def order(
 async def page_through(
     source: FakeSource, list_filter: ListFilter, page_size: int
 ) -> list[list[ListedOrder]]:
-    lister = OrderLister(source, now=lambda: NOW)
+    lister = OrderLister(cast(TemporalVisibility, source), now=lambda: NOW)
     pages = []
     token = None
     while True:
@@ -427,7 +436,7 @@ async def test_a_dense_burst_is_read_in_narrower_windows() -> None:
     burst = [order(i, NOW - timedelta(minutes=10, microseconds=i * 50)) for i in range(100_000)]
     older = [order(200_000 + i, NOW - timedelta(days=i + 1)) for i in range(5)]
     source = FakeSource(burst + older)
-    lister = OrderLister(source, now=lambda: NOW)
+    lister = OrderLister(cast(TemporalVisibility, source), now=lambda: NOW)
     page = await lister.list_page(
         ListRequest(ListFilter(), 50, None), rpc_timeout=timedelta(seconds=1)
     )

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar, cast
 
@@ -34,10 +34,13 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from server import ids
-from server.app import OrderServer, start_server
-from server.config import ServerConfig
-from server.health import TemporalHealthProber, new_health_servicer
+from server.api import ids
+from server.platform.app import OrderServer, start_server
+from server.platform.health import TemporalHealthProber
+from server.platform.settings import ServerSettings
+from tests.support.env import with_changes
+from tests.support.orders import money
+from tests.support.polling import eventually
 from workflows import models
 from workflows.money import Money
 
@@ -159,11 +162,11 @@ class Harness:
     stub: pb_grpc.OrderServiceAsyncStub
 
 
-CONFIG = ServerConfig(
+CONFIG = ServerSettings(
     host="127.0.0.1",
     port=0,
     task_queue="orders-unit",
-    payment_timeout_seconds=600,
+    payment_timeout=timedelta(seconds=600),
     temporal_rpc_timeout=timedelta(seconds=2),
 )
 
@@ -178,10 +181,6 @@ async def harness() -> AsyncIterator[Harness]:
     finally:
         await channel.close(grace=None)
         await server.stop(0.5)
-
-
-def money(units: int, nanos: int = 0, currency: str = "USD") -> PbMoney:
-    return PbMoney(currency_code=currency, units=units, nanos=nanos)
 
 
 def create_request(**fields: object) -> pb.CreateOrderRequest:
@@ -568,7 +567,7 @@ async def test_a_hanging_temporal_call_is_cut_before_the_caller_deadline(
 async def test_a_hanging_temporal_call_is_cut_at_the_configured_cap() -> None:
     temporal = FakeTemporal()
     temporal.hang = True
-    config = replace(CONFIG, temporal_rpc_timeout=timedelta(milliseconds=200))
+    config = with_changes(CONFIG, temporal_rpc_timeout=timedelta(milliseconds=200))
     server = await start_server(config, client=cast(Client, temporal))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -595,11 +594,11 @@ async def test_a_bug_is_internal_with_a_generic_message(
 
 
 async def test_one_log_line_per_rpc(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="server.servicer"):
+    with caplog.at_level(logging.INFO, logger="server.rpc"):
         created = await create(harness)
         with pytest.raises(grpc.aio.AioRpcError):
             await harness.stub.GetOrder(pb.GetOrderRequest(order_id="ORD-NOPE"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "server.servicer"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.rpc"]
     assert len(lines) == 2
     assert lines[0].startswith(
         f"rpc=CreateOrder order_id={created.order_id} workflow_id={created.workflow_id} code=OK "
@@ -615,34 +614,29 @@ async def test_one_log_line_per_rpc(harness: Harness, caplog: pytest.LogCaptureF
 async def test_health_follows_temporal() -> None:
     temporal = FakeTemporal()
     temporal.healthy = False
-    health = new_health_servicer()
     prober = TemporalHealthProber(
-        cast(Client, temporal),
-        health,
-        ["acme.orders.v1.OrderService"],
-        interval=timedelta(milliseconds=20),
+        cast(Client, temporal), ["acme.orders.v1.OrderService"], interval=timedelta(milliseconds=20)
     )
+    health = prober.health
 
     async def status(service: str) -> int:
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service), None)
         return int(reply.status)
 
-    async def eventually(service: str, expected: int) -> None:
-        for _ in range(200):
-            if await status(service) == expected:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{service!r} never became {expected}")
+    async def becomes(service: str, expected: int) -> None:
+        await eventually(
+            lambda: status(service), lambda s: s == expected, within=2.0, interval=0.01
+        )
 
     await prober.start()
     try:
         for service in ("", "acme.orders.v1.OrderService"):
             assert await status(service) == health_pb2.HealthCheckResponse.NOT_SERVING
         temporal.healthy = True
-        await eventually("acme.orders.v1.OrderService", health_pb2.HealthCheckResponse.SERVING)
-        await eventually("", health_pb2.HealthCheckResponse.SERVING)
+        await becomes("acme.orders.v1.OrderService", health_pb2.HealthCheckResponse.SERVING)
+        await becomes("", health_pb2.HealthCheckResponse.SERVING)
         temporal.healthy = False
-        await eventually("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await becomes("", health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         await prober.stop()
     assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -708,7 +702,7 @@ async def test_a_taken_port_is_an_error() -> None:
     try:
         with pytest.raises(OSError, match="cannot listen"):
             await start_server(
-                replace(CONFIG, port=first.port), client=cast(Client, FakeTemporal())
+                with_changes(CONFIG, port=first.port), client=cast(Client, FakeTemporal())
             )
     finally:
         await first.stop(0.1)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from server import tokens
+from server import tokens as tokens_cli
+from server.platform import tokens
 
 SERVICE = "/acme.orders.v1.OrderService"
 TOKEN = "ord_test-token"
@@ -163,9 +164,8 @@ def test_cli_new_prints_the_token_once_and_an_entry_that_loads(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["new", "--name", "storefront", "--role", "storefront"]
-    assert (
-        tokens.main([*argv, "--method", "ConfirmPayment", "--expires", "2027-01-01T00:00:00Z"]) == 0
-    )
+    extra = ["--method", "ConfirmPayment", "--expires", "2027-01-01T00:00:00Z"]
+    assert tokens_cli.main([*argv, *extra]) == 0
     out = capsys.readouterr().out
     token = re.findall(r"^    (ord_\S+)$", out, flags=re.MULTILINE)
     assert len(token) == 1
@@ -193,7 +193,7 @@ def test_cli_new_refuses_bad_arguments(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as caught:
-        tokens.main(argv)
+        tokens_cli.main(argv)
     assert caught.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -202,5 +202,5 @@ def test_cli_hash_reads_the_token_from_standard_input(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{TOKEN}\n"))
-    assert tokens.main(["hash"]) == 0
+    assert tokens_cli.main(["hash"]) == 0
     assert capsys.readouterr().out == f"{DIGEST}\n"

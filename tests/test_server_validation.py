@@ -9,8 +9,8 @@ import pytest
 from google.type.money_pb2 import Money as PbMoney
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server import ids, validation
-from server.errors import InvalidArgument
+from server.api import ids, validation
+from server.api.errors import InvalidArgument
 from workflows import models
 from workflows.money import Money
 

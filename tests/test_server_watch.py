@@ -24,10 +24,11 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server import errors
-from server.watch import OrderWatchers, Subscription, is_final
+from server.api import errors
+from server.temporal.watching import OrderWatchers, Subscription
 from workflows import models
 from workflows.money import Money
+from workflows.rules import is_settled
 
 NOW = datetime(2025, 1, 31, 14, 30, tzinfo=UTC)
 E = EventType
@@ -303,16 +304,16 @@ async def test_stop_ends_streams_with_unavailable_and_refuses_new_ones() -> None
 
 def test_final_states() -> None:
     state = new_state("ORD-1")
-    assert not is_final(state)
-    assert is_final(replace(state, status=models.OrderStatus.DELIVERED))
-    assert not is_final(replace(state, status=models.OrderStatus.SHIPPED))
+    assert not is_settled(state)
+    assert is_settled(replace(state, status=models.OrderStatus.DELIVERED))
+    assert not is_settled(replace(state, status=models.OrderStatus.SHIPPED))
     cancelled = replace(state, status=models.OrderStatus.CANCELLED)
-    assert is_final(cancelled)  # nothing paid, nothing reserved
+    assert is_settled(cancelled)  # nothing paid, nothing reserved
     reserved = replace(cancelled, inventory_info=models.InventoryInfo("RES-1"))
-    assert not is_final(reserved)
-    assert is_final(replace(reserved, inventory_info=models.InventoryInfo("RES-1", True)))
+    assert not is_settled(reserved)
+    assert is_settled(replace(reserved, inventory_info=models.InventoryInfo("RES-1", True)))
     payment = models.PaymentInfo("TXN-1", Money("USD", 1), "card", NOW)
     paid = replace(cancelled, payment_info=payment)
-    assert not is_final(paid)  # the refund is still to come
+    assert not is_settled(paid)  # the refund is still to come
     refund = models.RefundInfo("REF-1", "TXN-1", Money("USD", 1), NOW)
-    assert is_final(replace(paid, refund_info=refund))
+    assert is_settled(replace(paid, refund_info=refund))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import filecmp
 import json
 import subprocess
@@ -12,17 +11,11 @@ from pathlib import Path
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.conftest import Stack, create_request, order_reaching, venv_binary
+from tests.support.env import ROOT, run, venv_binary
+from tests.support.orders import create_request
+from tests.support.stack import Stack, order_reaching
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "acme.orders.v1.OrderService"
-
-
-async def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs a command without blocking the event loop the servers live on."""
-    return await asyncio.to_thread(
-        subprocess.run, args, input=stdin, capture_output=True, text=True, timeout=60
-    )
 
 
 async def grpcurl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

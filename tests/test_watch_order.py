@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import time
 from pathlib import Path
 
@@ -15,11 +14,13 @@ from grpc_status import rpc_status
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from infra.temporal_connection import TemporalConnection
-from server.app import start_server
-from server.config import ServerConfig
-from server.watch import OrderWatchers
-from tests.conftest import LAPTOP_PRICE, Stack, create_request, eventually, open_stack
+from server.platform.app import start_server
+from server.platform.settings import ServerSettings
+from server.temporal.watching import OrderWatchers
+from tests.support.env import free_port
+from tests.support.orders import create_request, payment_request
+from tests.support.polling import eventually
+from tests.support.stack import Stack, open_stack
 
 S = pb.OrderStatus
 WatchCall = grpc.aio.UnaryStreamCall[pb.WatchOrderRequest, pb.Order]
@@ -55,15 +56,6 @@ async def rest_of(call: WatchCall) -> list[pb.Order]:
     return messages
 
 
-def pay(order_id: str) -> pb.ConfirmPaymentRequest:
-    return pb.ConfirmPaymentRequest(
-        order_id=order_id,
-        transaction_id="TXN-WATCH",
-        amount=LAPTOP_PRICE,
-        payment_method="credit_card",
-    )
-
-
 def assert_in_order(messages: list[pb.Order]) -> None:
     """Statuses never go back, and every message is a newer state than the one before."""
     ranks = [LIFE.index(m.status) if m.status in LIFE else len(LIFE) for m in messages]
@@ -94,7 +86,7 @@ async def test_watchers_share_one_watch_and_see_every_change_until_delivered(
     assert len(stack.server.watchers) == 1
     assert stack.server.watchers.subscribers(created.order_id) == 3
 
-    await stack.stub.ConfirmPayment(pay(created.order_id))
+    await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-WATCH"))
     streams = [[first, *await rest_of(call)] for first, call in zip(firsts, calls, strict=True)]
 
     assert streams[0] == streams[1] == streams[2]
@@ -131,7 +123,7 @@ async def test_a_cancelled_order_streams_its_compensation_then_ends(stack: Stack
 
 async def test_a_closed_order_sends_its_state_once(stack: Stack) -> None:
     created = await stack.stub.CreateOrder(create_request())
-    await stack.stub.ConfirmPayment(pay(created.order_id))
+    await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-WATCH"))
     await stack.client.get_workflow_handle(created.workflow_id).result()
 
     messages = await rest_of(watch(stack, created.order_id))
@@ -218,16 +210,8 @@ def reason(err: grpc.aio.AioRpcError) -> str:
     raise AssertionError(f"no ErrorInfo in {err}")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_temporal_down_is_unavailable() -> None:
-    config = ServerConfig(
-        host="127.0.0.1", port=0, temporal=TemporalConnection(f"127.0.0.1:{closed_port()}")
-    )
+    config = ServerSettings(host="127.0.0.1", port=0, temporal_address=f"127.0.0.1:{free_port()}")
     server = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 
-from activities.config import SimulationConfig
-from infra.temporal_connection import TemporalConnection
-from worker.app import ConnectStopped, connect_with_retry, run_worker
-from worker.config import WorkerConfig, from_args
+from activities.providers import ProviderSettings
+from tests.support.env import ROOT, free_port, settings_from
+from tests.support.proxy import Proxy
+from worker.app import connect_with_retry, run_worker
+from worker.settings import WorkerSettings
 from workflows.models import (
     CONFIRM_PAYMENT_SIGNAL,
     DEFAULT_TASK_QUEUE,
@@ -34,26 +32,22 @@ from workflows.models import (
 from workflows.money import Money
 from workflows.order_workflow import OrderWorkflow
 
-ROOT = Path(__file__).resolve().parent.parent
 LAPTOP = Money("USD", 999, 990_000_000)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- Settings ---------------------------------------------------------------------
 
 
+def from_args(argv: list[str], environ: dict[str, str]) -> WorkerSettings:
+    return settings_from(WorkerSettings, argv, environ)
+
+
 def test_defaults() -> None:
-    config = from_args([], environ={})
-    assert config == WorkerConfig(
-        TemporalConnection("localhost:7233", "default"), DEFAULT_TASK_QUEUE
-    )
-    assert config.simulation == SimulationConfig()
+    settings = from_args([], environ={})
+    assert settings.describe_temporal() == "localhost:7233 (namespace default, plain text)"
+    assert settings.task_queue == DEFAULT_TASK_QUEUE
+    assert settings.sim_deliver_seconds == 10.0
+    assert settings.max_cached_workflows == 20_000
 
 
 def test_environment_then_flags() -> None:
@@ -63,23 +57,19 @@ def test_environment_then_flags() -> None:
         "ORDER_TASK_QUEUE": "orders-env",
         "ORDER_SIM_DELIVER_SECONDS": "1",
         "ORDER_OUTBOX_DIR": "/tmp/mail",
+        "ORDER_WORKER_MAX_CACHED_WORKFLOWS": "50",
     }
-    config = from_args([], environ=env)
-    assert (config.temporal.address, config.temporal.namespace, config.task_queue) == (
-        "temporal:7233",
-        "shop",
-        "orders-env",
-    )
-    assert config.simulation.deliver == 1.0
-    assert config.simulation.outbox_dir == Path("/tmp/mail")
+    settings = from_args([], environ=env)
+    assert settings.describe_temporal() == "temporal:7233 (namespace shop, plain text)"
+    assert settings.task_queue == "orders-env"
+    assert settings.sim_deliver_seconds == 1.0
+    assert settings.outbox_dir == Path("/tmp/mail")
+    assert settings.max_cached_workflows == 50
 
     flags = ["--temporal-address", "h:1", "--namespace", "n", "--task-queue", "q"]
-    config = from_args(flags, environ=env)
-    assert (config.temporal.address, config.temporal.namespace, config.task_queue) == (
-        "h:1",
-        "n",
-        "q",
-    )
+    settings = from_args([*flags, "--max-cached-workflows", "7"], environ=env)
+    assert settings.describe_temporal() == "h:1 (namespace n, plain text)"
+    assert (settings.task_queue, settings.max_cached_workflows) == ("q", 7)
 
 
 @pytest.mark.parametrize(
@@ -88,6 +78,8 @@ def test_environment_then_flags() -> None:
         ([], {"ORDER_SIM_PAYMENT_SECONDS": "fast"}),
         ([], {"ORDER_SIM_STOCK": "PROD-1=many"}),
         ([], {"ORDER_SMTP_HOST": "mail.example", "ORDER_SMTP_TLS": "ssl"}),
+        ([], {"ORDER_WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": "1"}),
+        (["--max-cached-workflows", "0"], {}),
         (["--task-queue", ""], {}),
         (["--no-such-flag"], {}),
     ],
@@ -108,62 +100,36 @@ def test_failure_and_email_settings_come_from_the_environment(tmp_path: Path) ->
         "ORDER_SMTP_USERNAME": "acme",
         "ORDER_SMTP_PASSWORD": "secret",
     }
-    simulation = from_args([], environ=env).simulation
-    assert simulation.stock == {"PROD-123": 5}
-    assert simulation.decline_methods == {"declined_card"}
-    assert simulation.fail_first_attempts == 2
-    assert simulation.email_from == "shop@acme.example"
-    assert simulation.smtp is not None
-    assert (simulation.smtp.host, simulation.smtp.effective_port) == ("mail.example", 587)
+    settings = from_args([], environ=env)
+    assert settings.sim_stock == {"PROD-123": 5}
+    assert settings.sim_decline_methods == {"declined_card"}
+    assert settings.sim_fail_first_attempts == 2
+    assert settings.email_from == "shop@acme.example"
+    assert (settings.smtp_host, settings.smtp_effective_port) == ("mail.example", 587)
 
 
 # --- Connecting -------------------------------------------------------------------
 
 
-async def test_connect_retries_until_stopped(caplog: pytest.LogCaptureFixture) -> None:
+async def test_connect_retries_until_cancelled(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="worker.app")
-    stop = asyncio.Event()
-    asyncio.get_running_loop().call_later(1.0, stop.set)
     started = time.monotonic()
-    with pytest.raises(ConnectStopped):
-        await connect_with_retry(
-            TemporalConnection(f"127.0.0.1:{free_port()}"), stop=stop, initial_backoff=0.1
-        )
+    settings = from_args(["--temporal-address", f"127.0.0.1:{free_port()}"], {})
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await connect_with_retry(settings, initial_backoff=0.1)
     assert time.monotonic() - started < 3.0
     failures = [r for r in caplog.records if "not reachable" in r.getMessage()]
     assert len(failures) >= 2
 
 
-@contextlib.asynccontextmanager
-async def late_proxy(port: int, target: str, delay: float) -> AsyncIterator[None]:
-    """Forwards 127.0.0.1:`port` to `target`, listening only after `delay`: a late server."""
-    host, target_port = target.rsplit(":", 1)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, int(target_port))
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def serve() -> asyncio.Server:
-        await asyncio.sleep(delay)
-        return await asyncio.start_server(handle, "127.0.0.1", port)
-
-    starting = asyncio.create_task(serve())
-    try:
-        yield
-    finally:
-        server = await starting
-        server.close()
-        # Don't wait_closed(): the client's HTTP/2 connection stays open until the test ends.
+async def test_run_worker_stops_while_temporal_is_unreachable(tmp_path: Path) -> None:
+    settings = from_args(
+        ["--temporal-address", f"127.0.0.1:{free_port()}", "--outbox-dir", str(tmp_path)], {}
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stop.set)
+    await asyncio.wait_for(run_worker(settings, stop), timeout=5)
 
 
 async def test_connect_waits_for_a_late_server(
@@ -171,9 +137,12 @@ async def test_connect_waits_for_a_late_server(
 ) -> None:
     caplog.set_level(logging.INFO, logger="worker.app")
     port = free_port()
-    async with late_proxy(port, temporal_address, delay=1.0):
+    # A late server: the proxy listens on `port` only after a second.
+    async with Proxy(temporal_address, port=port, after=1.0):
         client = await asyncio.wait_for(
-            connect_with_retry(TemporalConnection(f"127.0.0.1:{port}"), initial_backoff=0.2),
+            connect_with_retry(
+                from_args(["--temporal-address", f"127.0.0.1:{port}"], {}), initial_backoff=0.2
+            ),
             timeout=10,
         )
         assert await client.service_client.check_health()
@@ -197,13 +166,13 @@ def order_input(order_id: str) -> OrderInput:
 
 async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_path: Path) -> None:
     task_queue = f"orders-worker-test-{uuid.uuid4().hex[:8]}"
-    config = WorkerConfig(
-        TemporalConnection(temporal_address),
-        task_queue,
-        SimulationConfig.instant(tmp_path / "outbox"),
+    settings = WorkerSettings(
+        temporal_address=temporal_address,
+        task_queue=task_queue,
+        **ProviderSettings.instant(tmp_path / "outbox").model_dump(),
     )
     stop = asyncio.Event()
-    running = asyncio.create_task(run_worker(config, stop=stop, handle_signals=False))
+    running = asyncio.create_task(run_worker(settings, stop))
     try:
         client = await Client.connect(temporal_address)
         order_id = f"ORD-W-{uuid.uuid4().hex[:8]}"

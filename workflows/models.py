@@ -1,10 +1,4 @@
-"""The data the order workflow exchanges: its input, signals, queries and activities.
-
-These dataclasses are the contract between the gRPC server (which starts,
-signals and queries the workflow), the workflow and the activities. They go
-through Temporal's JSON converter, so they are what `temporal workflow
-signal --input` takes and what `temporal workflow query` prints.
-"""
+"""The data the order workflow exchanges: its input, signals, queries and activities."""
 
 # No `from __future__ import annotations`: Temporal's data converter reads these
 # dataclasses' hints with typing.get_type_hints on every payload, and string
@@ -52,15 +46,6 @@ class OrderStatus(StrEnum):
     SHIPPED = "shipped"
     DELIVERED = "delivered"
     CANCELLED = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (OrderStatus.DELIVERED, OrderStatus.CANCELLED)
-
-    @property
-    def can_cancel(self) -> bool:
-        """Cancellation is possible until the order has shipped."""
-        return self in (OrderStatus.PENDING, OrderStatus.PAYMENT_CONFIRMED, OrderStatus.PREPARING)
 
 
 @dataclass(frozen=True)
@@ -181,77 +166,6 @@ class OrderState:
     inventory_info: InventoryInfo = field(default_factory=InventoryInfo)
     rejected_payments: list[RejectedPayment] = field(default_factory=list)
     delivered_at: datetime | None = None
-
-
-# --- What an order accepts ----------------------------------------------------
-# The workflow applies these rules to every payment and cancellation signal; the
-# server applies them to the state a query returns, to answer with a clear error
-# instead of sending a signal the workflow would refuse.
-
-
-class RefusalKind(StrEnum):
-    """Why an order refuses a payment or a cancellation."""
-
-    PREVIOUSLY_REFUSED = "PREVIOUSLY_REFUSED"
-    ALREADY_PAID = "ALREADY_PAID"
-    NOT_PAYABLE = "NOT_PAYABLE"
-    AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
-    NOT_CANCELLABLE = "NOT_CANCELLABLE"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    kind: RefusalKind
-    # One sentence for people: a rejected payment's reason, or the log line.
-    reason: str
-
-
-def payment_refusal(
-    state: OrderState, payment: PaymentRequest, cancel: CancelRequest | None
-) -> Refusal | None:
-    """Why the order cannot take this payment, or None if it can (or already has)."""
-    accepted = state.payment_info
-    if accepted is not None and accepted.transaction_id == payment.transaction_id:
-        return None  # the same transaction again: processed once
-    refused = next(
-        (r for r in state.rejected_payments if r.transaction_id == payment.transaction_id), None
-    )
-    if refused is not None:
-        return Refusal(RefusalKind.PREVIOUSLY_REFUSED, refused.reason)
-    if accepted is not None:
-        return Refusal(
-            RefusalKind.ALREADY_PAID,
-            f"Order is already paid by transaction {accepted.transaction_id}",
-        )
-    if cancel is not None:
-        return Refusal(
-            RefusalKind.NOT_PAYABLE, f"Order was cancelled ({cancel.reason}) and takes no payment"
-        )
-    if state.status != OrderStatus.PENDING:
-        return Refusal(
-            RefusalKind.NOT_PAYABLE, f"Order is {state.status.value} and takes no payment"
-        )
-    total = state.total_amount
-    if payment.amount.currency_code != total.currency_code:
-        return Refusal(
-            RefusalKind.AMOUNT_MISMATCH,
-            f"Currency {payment.amount.currency_code} does not match the order's {total}",
-        )
-    if payment.amount.total_nanos != total.total_nanos:
-        return Refusal(
-            RefusalKind.AMOUNT_MISMATCH,
-            f"Amount {payment.amount} does not equal the order total {total}",
-        )
-    return None
-
-
-def cancellation_refusal(status: OrderStatus, *, handed_to_carrier: bool) -> Refusal | None:
-    """Why the order can no longer be cancelled, or None if it can."""
-    if handed_to_carrier or not status.can_cancel:
-        return Refusal(
-            RefusalKind.NOT_CANCELLABLE, f"Order is {status.value} and cannot be cancelled"
-        )
-    return None
 
 
 # --- Activity inputs and results ---------------------------------------------

@@ -1,9 +1,4 @@
-"""Money as exact integers: the google.type.Money shape, never a float.
-
-Amounts are held as (currency_code, units, nanos) exactly like
-google.type.Money, and every calculation goes through a single integer count
-of nanos, so 999.99 * 3 is exactly 2999.97.
-"""
+"""Money as exact integers: the google.type.Money shape, never a float."""
 
 # No `from __future__ import annotations`: Temporal's data converter reads these
 # dataclasses' hints with typing.get_type_hints on every payload, and string

@@ -1,18 +1,13 @@
-"""The order workflow: the whole state machine of one order, in this file.
+"""The order workflow: the whole state machine of one order (docs/walkthrough.md, the order's life).
 
-    pending ──confirm_payment──▶ payment_confirmed ─▶ preparing ─▶ shipped ─▶ delivered
-       │                               │                  │
-       └──── cancel_order / payment timeout / payment failure ──▶ cancelled (compensated)
-
-Signals only record what arrived; the run loop below acts on it between
-steps, so every decision happens at one deterministic place in history.
-Cancellation is possible until the order is handed to the carrier.
+Signals only record what arrived; the run loop acts on it between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -52,12 +47,12 @@ with workflow.unsafe.imports_passed_through():
         ReserveInventoryInput,
         ShipmentInfo,
         ShipOrderInput,
-        cancellation_refusal,
         order_total,
-        payment_refusal,
     )
+    from workflows.rules import cancellation_refusal, payment_refusal
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
 
 # The seed promises delivery three days after payment.
 DELIVERY_ESTIMATE = timedelta(days=3)
@@ -77,30 +72,51 @@ STEP_TIMEOUT = timedelta(seconds=30)
 # mid-call is noticed after this, not after the whole STEP_TIMEOUT.
 STEP_HEARTBEAT = timedelta(seconds=10)
 # Retrying cannot change the warehouse's "out of stock" or the gateway's "declined".
-RESERVE_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    non_retryable_error_types=[OUT_OF_STOCK_ERROR],
-)
-PAYMENT_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    non_retryable_error_types=[PAYMENT_DECLINED_ERROR, "IdempotencyKeyReused"],
+RESERVE_RETRY = replace(STEP_RETRY, non_retryable_error_types=[OUT_OF_STOCK_ERROR])
+PAYMENT_RETRY = replace(
+    STEP_RETRY, non_retryable_error_types=[PAYMENT_DECLINED_ERROR, "IdempotencyKeyReused"]
 )
 # How long a payment may keep failing with no verdict from the gateway.
 PAYMENT_GIVE_UP = timedelta(hours=1)
 # Compensation and emails must eventually happen: retried until they succeed.
-FOREVER_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=1),
-    maximum_attempts=0,
-)
+FOREVER_RETRY = replace(STEP_RETRY, maximum_interval=timedelta(minutes=1), maximum_attempts=0)
 DELIVERY_TIMEOUT = timedelta(hours=1)
 DELIVERY_HEARTBEAT = timedelta(seconds=30)
 EMAIL_SCHEDULE_TO_CLOSE = timedelta(days=1)
+
+
+def _options(
+    retry: RetryPolicy,
+    timeout: timedelta = STEP_TIMEOUT,
+    heartbeat: timedelta | None = STEP_HEARTBEAT,
+    give_up: timedelta | None = None,
+) -> workflow.ActivityConfig:
+    return workflow.ActivityConfig(
+        start_to_close_timeout=timeout,
+        heartbeat_timeout=heartbeat,
+        schedule_to_close_timeout=give_up,
+        retry_policy=retry,
+    )
+
+
+# Each activity's timeouts and retries, in one table: _start applies them.
+_OPTIONS: dict[Callable[..., Any], workflow.ActivityConfig] = {
+    OrderActivities.reserve_inventory: _options(RESERVE_RETRY),
+    OrderActivities.charge_payment: _options(PAYMENT_RETRY, give_up=PAYMENT_GIVE_UP),
+    OrderActivities.prepare_shipment: _options(STEP_RETRY),
+    OrderActivities.ship_order: _options(STEP_RETRY),
+    OrderActivities.deliver_order: _options(STEP_RETRY, DELIVERY_TIMEOUT, DELIVERY_HEARTBEAT),
+    OrderActivities.refund_payment: _options(FOREVER_RETRY),
+    OrderActivities.release_inventory: _options(FOREVER_RETRY),
+    OrderActivities.send_notification: _options(
+        FOREVER_RETRY, heartbeat=None, give_up=EMAIL_SCHEDULE_TO_CLOSE
+    ),
+}
+
+
+def _start(activity: Callable[[OrderActivities, _A], Awaitable[_T]], arg: _A) -> ActivityHandle[_T]:
+    """Starts an activity with its options from _OPTIONS."""
+    return workflow.start_activity_method(activity, arg, **_OPTIONS[activity])
 
 
 def _failure_message(err: ActivityError) -> str:
@@ -193,19 +209,18 @@ class OrderWorkflow:
     def get_estimated_delivery(self) -> datetime | None:
         return self._state.estimated_delivery
 
-    # --- The run loop ---------------------------------------------------------
+    # --- The process: the seed's steps, in order ---------------------------------
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderState:
         try:
-            await self._process(order)
+            await self._process()
         except asyncio.CancelledError:
             # The workflow itself was cancelled (e.g. `temporal workflow cancel`),
             # possibly in the middle of compensating: finish undoing what was
             # done (each step runs once) before letting the cancellation through.
-            self._workflow_cancelled = True
+            self._on_workflow_cancel()
             if not self._handed_to_carrier:
-                self._cancel = self._cancel or CancelRequest(WORKFLOW_CANCELLED_REASON)
                 await self._compensate()
         await self._await_emails()
         if self._workflow_cancelled:
@@ -213,27 +228,36 @@ class OrderWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._state
 
-    async def _process(self, order: OrderInput) -> None:
+    async def _process(self) -> None:
+        """The seed's steps. Until the parcel ships, a step that ends the order returns False."""
         self._publish_for_listing()
+        if (
+            await self._reserve_inventory()
+            and await self._wait_for_payment()
+            and await self._charge()
+            and (package_id := await self._prepare()) is not None
+        ):
+            await self._deliver(await self._ship(package_id))
+        else:
+            await self._compensate()
+
+    async def _reserve_inventory(self) -> bool:
+        """Takes the items from stock; False (and a cancel reason) if they are not there."""
+        reserve = ReserveInventoryInput(self._order.order_id, list(self._order.items))
         try:
-            reservation = await self._uninterrupted(
-                workflow.start_activity_method(
-                    OrderActivities.reserve_inventory,
-                    ReserveInventoryInput(order.order_id, list(order.items)),
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    heartbeat_timeout=STEP_HEARTBEAT,
-                    retry_policy=RESERVE_RETRY,
-                )
-            )
+            reserved = await self._uninterrupted(_start(OrderActivities.reserve_inventory, reserve))
         except ActivityError as err:
             # Out of stock: nothing was reserved and nothing was charged.
             self._cancel = CancelRequest(f"Inventory not reserved: {_failure_message(err)}")
-            return await self._compensate()
-        self._state.inventory_info.reservation_id = reservation
+            return False
+        self._state.inventory_info.reservation_id = reserved
         self._touch()
         self._notify(NotificationKind.ORDER_RECEIVED)
+        return True
 
-        timeout = order.payment_timeout_seconds
+    async def _wait_for_payment(self) -> bool:
+        """Until a payment is accepted, the order is cancelled, or the payment times out."""
+        timeout = self._order.payment_timeout_seconds
         try:
             await workflow.wait_condition(
                 lambda: self._state.payment_info is not None or self._cancel is not None,
@@ -243,39 +267,54 @@ class OrderWorkflow:
             self._cancel = CancelRequest(
                 f"Payment not received within {_describe_timeout(timeout)}"
             )
-        if self._cancel is not None:
-            return await self._compensate()
+        return self._cancel is None
 
-        if not await self._charge():
-            return await self._compensate()
-        if self._cancel is not None:
-            return await self._compensate()
-
-        self._set_status(OrderStatus.PREPARING)
-        package_id = await self._unless_cancelled(
-            workflow.start_activity_method(
-                OrderActivities.prepare_shipment,
-                PrepareShipmentInput(order.order_id, list(order.items)),
-                start_to_close_timeout=STEP_TIMEOUT,
-                heartbeat_timeout=STEP_HEARTBEAT,
-                retry_policy=STEP_RETRY,
-            )
+    async def _charge(self) -> bool:
+        """Captures the accepted payment; False if refused or the order was cancelled meanwhile."""
+        payment = self._state.payment_info
+        assert payment is not None
+        charge = ChargePaymentInput(
+            order_id=self._order.order_id,
+            transaction_id=payment.transaction_id,
+            amount=payment.amount,
+            payment_method=payment.payment_method,
+            idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
         )
-        if package_id is None or self._cancel is not None:
-            return await self._compensate()
+        try:
+            await self._uninterrupted(_start(OrderActivities.charge_payment, charge))
+        except ActivityError as err:
+            reason = f"Payment failed: {_failure_message(err)}"
+            if isinstance(err.cause, ApplicationError) and err.cause.type == PAYMENT_DECLINED_ERROR:
+                self._state.payment_info = None
+                self._reject_payment(payment, reason)
+            else:
+                # No verdict: an attempt whose reply was lost may have captured
+                # the money, so compensation refunds by the same key to be sure.
+                self._charged = True
+            self._cancel = self._cancel or CancelRequest(reason)
+            return False
+        self._charged = True
+        now = workflow.now()
+        payment.timestamp = now  # when the money was captured
+        self._state.estimated_delivery = now + DELIVERY_ESTIMATE
+        self._set_status(OrderStatus.PAYMENT_CONFIRMED)
+        self._notify(NotificationKind.PAYMENT_CONFIRMED)
+        return self._cancel is None
 
+    async def _prepare(self) -> str | None:
+        """Packs the order: the package id, or None if the order is cancelled meanwhile."""
+        self._set_status(OrderStatus.PREPARING)
+        prepare = PrepareShipmentInput(self._order.order_id, list(self._order.items))
+        package_id = await self._unless_cancelled(_start(OrderActivities.prepare_shipment, prepare))
+        return package_id if self._cancel is None else None
+
+    async def _ship(self, package_id: str) -> str:
+        """Hands the parcel to the carrier; returns its tracking number."""
         # The point of no return: from here a cancel, of the order or of the
         # workflow, no longer stops the parcel.
         self._handed_to_carrier = True
-        shipment = await self._uninterrupted(
-            workflow.start_activity_method(
-                OrderActivities.ship_order,
-                ShipOrderInput(order.order_id, package_id, order.shipping),
-                start_to_close_timeout=STEP_TIMEOUT,
-                heartbeat_timeout=STEP_HEARTBEAT,
-                retry_policy=STEP_RETRY,
-            )
-        )
+        ship = ShipOrderInput(self._order.order_id, package_id, self._order.shipping)
+        shipment = await self._uninterrupted(_start(OrderActivities.ship_order, ship))
         now = workflow.now()
         self._state.shipment_info = ShipmentInfo(
             tracking_number=shipment.tracking_number,
@@ -285,97 +324,16 @@ class OrderWorkflow:
         )
         self._set_status(OrderStatus.SHIPPED)
         self._notify(NotificationKind.ORDER_SHIPPED)
+        return shipment.tracking_number
 
-        await self._uninterrupted(
-            workflow.start_activity_method(
-                OrderActivities.deliver_order,
-                DeliverOrderInput(order.order_id, shipment.tracking_number),
-                start_to_close_timeout=DELIVERY_TIMEOUT,
-                heartbeat_timeout=DELIVERY_HEARTBEAT,
-                retry_policy=STEP_RETRY,
-            )
-        )
+    async def _deliver(self, tracking_number: str) -> None:
+        deliver = DeliverOrderInput(self._order.order_id, tracking_number)
+        await self._uninterrupted(_start(OrderActivities.deliver_order, deliver))
         self._state.delivered_at = workflow.now()
         self._set_status(OrderStatus.DELIVERED)
         self._notify(NotificationKind.ORDER_DELIVERED)
 
-    async def _uninterrupted(self, call: ActivityHandle[_T]) -> _T:
-        """Awaits a call that a workflow cancel must not abandon half-way.
-
-        Abandoning a reservation or a charge could leave stock held or money
-        taken with nobody to undo it, and a parcel handed to the carrier ships
-        whatever happens. So a cancel of the workflow itself lets the call
-        finish (shielded) and becomes a cancel of the order where that is still
-        possible; run() re-raises it once the order is settled.
-        """
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            self._workflow_cancelled = True
-            if not self._handed_to_carrier:
-                self._cancel = self._cancel or CancelRequest(WORKFLOW_CANCELLED_REASON)
-            return await call
-
-    async def _unless_cancelled(self, step: ActivityHandle[_T]) -> _T | None:
-        """The step's result, or None if the order is cancelled first.
-
-        Packaging can stop half-way, so a cancel need not wait for it: the
-        activity is cancelled and compensation starts at once.
-        """
-        cancelled = asyncio.ensure_future(workflow.wait_condition(lambda: self._cancel is not None))
-        await workflow.wait([step, cancelled], return_when=asyncio.FIRST_COMPLETED)
-        if step.done():
-            cancelled.cancel()
-            return step.result()
-        step.cancel()
-        # Nobody awaits the abandoned step; read its outcome so asyncio does not
-        # log "exception was never retrieved" for it.
-        step.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return None
-
-    async def _charge(self) -> bool:
-        """Captures the accepted payment; False (and a cancel reason) if the gateway refuses."""
-        payment = self._state.payment_info
-        assert payment is not None
-        try:
-            await self._uninterrupted(
-                workflow.start_activity_method(
-                    OrderActivities.charge_payment,
-                    ChargePaymentInput(
-                        order_id=self._order.order_id,
-                        transaction_id=payment.transaction_id,
-                        amount=payment.amount,
-                        payment_method=payment.payment_method,
-                        idempotency_key=f"{self._order.order_id}/charge/{payment.transaction_id}",
-                    ),
-                    start_to_close_timeout=STEP_TIMEOUT,
-                    heartbeat_timeout=STEP_HEARTBEAT,
-                    schedule_to_close_timeout=PAYMENT_GIVE_UP,
-                    retry_policy=PAYMENT_RETRY,
-                )
-            )
-        except ActivityError as err:
-            cause = _failure_message(err)
-            declined = (
-                isinstance(err.cause, ApplicationError) and err.cause.type == PAYMENT_DECLINED_ERROR
-            )
-            if not declined:
-                # No verdict: an attempt whose reply was lost may have captured
-                # the money, so compensation refunds by the same key to be sure.
-                self._charged = True
-                self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
-                return False
-            self._state.payment_info = None
-            self._reject_payment(payment, f"Payment failed: {cause}")
-            self._cancel = self._cancel or CancelRequest(f"Payment failed: {cause}")
-            return False
-        self._charged = True
-        now = workflow.now()
-        payment.timestamp = now  # when the money was captured
-        self._state.estimated_delivery = now + DELIVERY_ESTIMATE
-        self._set_status(OrderStatus.PAYMENT_CONFIRMED)
-        self._notify(NotificationKind.PAYMENT_CONFIRMED)
-        return True
+    # --- Compensation -------------------------------------------------------------
 
     async def _compensate(self) -> None:
         """Cancels the order: refund if charged, release inventory, email.
@@ -405,18 +363,13 @@ class OrderWorkflow:
     async def _refund_if_charged(self) -> None:
         if self._charged and self._state.payment_info and not self._state.refund_info:
             paid = self._state.payment_info
-            refund_id = await workflow.execute_activity_method(
-                OrderActivities.refund_payment,
-                RefundPaymentInput(
-                    order_id=self._order.order_id,
-                    transaction_id=paid.transaction_id,
-                    amount=paid.amount,
-                    idempotency_key=f"{self._order.order_id}/refund/{paid.transaction_id}",
-                ),
-                start_to_close_timeout=STEP_TIMEOUT,
-                heartbeat_timeout=STEP_HEARTBEAT,
-                retry_policy=FOREVER_RETRY,
+            refund = RefundPaymentInput(
+                order_id=self._order.order_id,
+                transaction_id=paid.transaction_id,
+                amount=paid.amount,
+                idempotency_key=f"{self._order.order_id}/refund/{paid.transaction_id}",
             )
+            refund_id = await _start(OrderActivities.refund_payment, refund)
             self._state.refund_info = RefundInfo(
                 refund_id=refund_id,
                 transaction_id=paid.transaction_id,
@@ -428,15 +381,50 @@ class OrderWorkflow:
     async def _release_reservation(self) -> None:
         reservation = self._state.inventory_info.reservation_id
         if reservation and not self._state.inventory_info.released:
-            await workflow.execute_activity_method(
-                OrderActivities.release_inventory,
-                ReleaseInventoryInput(self._order.order_id, reservation),
-                start_to_close_timeout=STEP_TIMEOUT,
-                heartbeat_timeout=STEP_HEARTBEAT,
-                retry_policy=FOREVER_RETRY,
-            )
+            release = ReleaseInventoryInput(self._order.order_id, reservation)
+            await _start(OrderActivities.release_inventory, release)
             self._state.inventory_info.released = True
             self._touch()
+
+    # --- Helpers ----------------------------------------------------------------
+
+    def _on_workflow_cancel(self) -> None:
+        """A cancel of the workflow cancels the order too, unless the parcel is on its way."""
+        self._workflow_cancelled = True
+        if not self._handed_to_carrier:
+            self._cancel = self._cancel or CancelRequest(WORKFLOW_CANCELLED_REASON)
+
+    async def _uninterrupted(self, call: ActivityHandle[_T]) -> _T:
+        """Awaits a call that a workflow cancel must not abandon half-way.
+
+        Abandoning a reservation or a charge could leave stock held or money
+        taken with nobody to undo it, and a parcel handed to the carrier ships
+        whatever happens. So a cancel of the workflow itself lets the call
+        finish (shielded) and becomes a cancel of the order where that is still
+        possible; run() re-raises it once the order is settled.
+        """
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._on_workflow_cancel()
+            return await call
+
+    async def _unless_cancelled(self, step: ActivityHandle[_T]) -> _T | None:
+        """The step's result, or None if the order is cancelled first.
+
+        Packaging can stop half-way, so a cancel need not wait for it: the
+        activity is cancelled and compensation starts at once.
+        """
+        cancelled = asyncio.ensure_future(workflow.wait_condition(lambda: self._cancel is not None))
+        await workflow.wait([step, cancelled], return_when=asyncio.FIRST_COMPLETED)
+        if step.done():
+            cancelled.cancel()
+            return step.result()
+        step.cancel()
+        # Nobody awaits the abandoned step; read its outcome so asyncio does not
+        # log "exception was never retrieved" for it.
+        step.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return None
 
     async def _await_emails(self) -> None:
         """Waits for the emails started so far: the workflow closing would drop them."""
@@ -473,7 +461,7 @@ class OrderWorkflow:
         """Starts the email without waiting: a slow mail server never holds up the order."""
         state = self._state
         self._emails.append(
-            workflow.start_activity_method(
+            _start(
                 OrderActivities.send_notification,
                 Notification(
                     kind=kind,
@@ -487,13 +475,11 @@ class OrderWorkflow:
                     estimated_delivery=state.estimated_delivery,
                     reason=state.cancellation_reason or "",
                 ),
-                schedule_to_close_timeout=EMAIL_SCHEDULE_TO_CLOSE,
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=FOREVER_RETRY,
             )
         )
 
     def _set_status(self, status: OrderStatus) -> None:
+        """The one place the status changes: in the state and in its search attribute."""
         self._state.status = status
         self._touch()
         workflow.upsert_search_attributes([search_attributes.ORDER_STATUS.value_set(status.value)])

@@ -1,11 +1,4 @@
-"""The custom search attributes each order keeps up to date, for ListOrders.
-
-They must be registered on the Temporal server before a workflow can set
-them: `make run` / `make temporal` pass `DEV_SERVER_FLAGS` to
-`temporal server start-dev`, the tests pass `ALL` to
-`WorkflowEnvironment.start_local`, and on a real cluster an operator runs
-`temporal operator search-attribute create` once per key.
-"""
+"""The custom search attributes each order keeps up to date, for ListOrders."""
 
 from __future__ import annotations
 
@@ -35,18 +28,12 @@ ALL: list[SearchAttributeKey[Any]] = [
 # The memo key holding the exact total (a Money), returned with list results.
 MEMO_TOTAL_AMOUNT = "total_amount"
 
-_CLI_TYPES = {
-    "KEYWORD": "Keyword",
-    "DATETIME": "Datetime",
-    "INT": "Int",
-}
-
 
 def dev_server_flags() -> list[str]:
     """`temporal server start-dev` arguments registering every key."""
     flags = []
-    for key in ALL:
-        flags += ["--search-attribute", f"{key.name}={_CLI_TYPES[key.indexed_value_type.name]}"]
+    for key in ALL:  # the CLI spells the types Keyword, Datetime, Int
+        flags += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.title()}"]
     return flags
 
 

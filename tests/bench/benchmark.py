@@ -1,18 +1,18 @@
 """How much the gRPC front costs next to Temporal: `make bench` (`make bench ARGS=--quick`).
 
 One run starts its own processes, as `make run` does (one OS process each,
-through tests/faults/harness.py): a Temporal dev server with the Makefile's
-tuning, a worker with zero simulated delays and a gRPC server. It then
+through tests/support/cluster.py): a Temporal dev server with the Makefile's
+tuning (TEMPORAL_TUNING, which `make bench` passes as --temporal-tuning), a
+worker with zero simulated delays and a gRPC server. It then
 measures, interleaved (raw, gRPC, raw, gRPC) and at the same concurrency,
 each RPC against the Temporal calls the servicer makes for it, made straight
 through the `temporalio` client with the same inputs:
 
 - CreateOrder        vs start_workflow (input from validation.validate_create_order);
 - GetOrder           vs the get_full_state query, on the same (cache-hot) orders;
-- ConfirmPayment     vs what the servicer makes for it (the submit_payment update,
-                     or query + signal while the servicer still precedes its signal
-                     with a query: the run says which);
-- CancelOrder        vs the same for request_cancellation / cancel_order;
+- ConfirmPayment     vs the get_full_state query, then the confirm_payment signal,
+                     as the servicer makes them (decision 0009);
+- CancelOrder        vs the query, then the cancel_order signal;
 - whole orders       create, pay, wait for delivery (WatchOrder on the gRPC side,
                      the workflow's result on the raw side), zero simulated delays.
 
@@ -23,7 +23,7 @@ the tuned default (both up at once, loaded in turn), and GetOrder on orders
 parked waiting for payment, 100 on one worker and 10,000 on another, read in
 turn; the second worker's memory (VmRSS) is read before and after parking.
 
-Writes docs/performance/results.md and chart.png; prints the table.
+Writes docs/performance/results.md and chart.png, and prints the results.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import contextlib
 import os
 import platform
 import random
-import re
 import shlex
 import shutil
 import signal
@@ -42,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,8 +50,6 @@ from typing import Any
 import grpc
 import temporalio
 import temporalio.api.enums.v1 as enums
-import temporalio.api.taskqueue.v1 as taskqueue
-import temporalio.api.workflowservice.v1 as workflowservice
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -60,32 +57,19 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from infra.process_exit import exit_without_finalization
-from server import validation
-from tests.conftest import create_request
-from tests.faults import harness
-from tests.faults.harness import (
-    Cluster,
-    Process,
-    ServerProcess,
-    Simulation,
-    TemporalServer,
-    WorkerProcess,
-)
+from server.api import validation
+from tests.support.cluster import SERVICE_NAME, Cluster, Simulation, WorkerProcess, kill_strays
+from tests.support.env import ROOT, venv_binary
+from tests.support.orders import create_request, payment_request
+from tests.support.stack import Stack
+from tests.support.stats import percentile
 from workflows import models
 
-ROOT = harness.ROOT
 OUT_DIR = ROOT / "docs" / "performance"
-README = ROOT / "README.md"
-# A full run with the default --out replaces what is between these lines of the README.
-README_BEGIN = "<!-- `make bench` replaces everything from here ... -->"
-README_END = "<!-- ... to here. -->"
-SERVICER_SOURCE = ROOT / "server" / "servicer.py"
-MAKEFILE = ROOT / "Makefile"
 
-# The servicer's cap on each Temporal call (ServerConfig.temporal_rpc_timeout).
+# The servicer's cap on each Temporal call (ServerSettings.temporal_rpc_timeout).
 RPC_TIMEOUT = timedelta(seconds=10)
 ZERO_DELAYS = Simulation(inventory=0, payment=0, prepare=0, ship=0, deliver=0, email=0)
-PAYMENT_METHOD = "credit_card"
 CANCEL_REASON = "Benchmark cancel"
 
 # The worker settings of the "plain" side: temporalio's own defaults.
@@ -168,15 +152,6 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) by the nearest-rank method."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = max(1, round(q * len(ordered) + 0.5 - 1e-9))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
 @dataclass
 class Run:
     """One round of one side: calls, their latencies, the wall time, the server's CPU."""
@@ -187,6 +162,16 @@ class Run:
     server_cpu: float = 0.0
     # CPU cores used during the run: Temporal, worker, gRPC server, this driver.
     cores: list[float] = field(default_factory=list)
+
+    def summary(self, unit: str = "/s") -> str:
+        """Calls per second, p50 and p99, the cores used and the first error, for the log."""
+        return (
+            f"{len(self.latencies) / self.wall:7.1f}{unit}"
+            f"  p50 {ms(percentile(self.latencies, 0.5))} ms"
+            f"  p99 {ms(percentile(self.latencies, 0.99))} ms"
+            + ("  cores " + "/".join(f"{c:.2f}" for c in self.cores) if self.cores else "")
+            + (f"  ERRORS {len(self.errors)}: {self.errors[0]}" if self.errors else "")
+        )
 
 
 @dataclass
@@ -223,7 +208,6 @@ class Side:
 @dataclass
 class Comparison:
     name: str
-    rpc: str
     raw_calls: str
     goal: float
     raw: Side = field(default_factory=Side)
@@ -344,152 +328,55 @@ async def quiesce(pids: Sequence[int], *, idle_cores: float = 0.15, limit: float
 # --- The processes -------------------------------------------------------------------------------
 
 
-def makefile_temporal_tuning() -> list[str]:
-    """The flags `make run` and `make temporal` give the dev server (TEMPORAL_TUNING)."""
-    text = MAKEFILE.read_text().replace("\\\n", " ")
-    match = re.search(r"^TEMPORAL_TUNING\s*[:?]?=(.*)$", text, re.MULTILINE)
-    if match is None:
-        raise RuntimeError("no TEMPORAL_TUNING in the Makefile")
-    return shlex.split(match.group(1))
-
-
 @dataclass
-class Stack:
-    """A Temporal dev server, a worker and a gRPC server, with clients of both."""
+class Processes:
+    """A dev server, a worker and a gRPC server as processes (a Cluster), and a Stack on them."""
 
-    name: str
     cluster: Cluster
-    temporal: TemporalServer
-    worker: WorkerProcess
-    server: ServerProcess
-    client: Client
-    channel: grpc.aio.Channel
-    stub: pb_grpc.OrderServiceAsyncStub
+    stack: Stack
 
     @property
-    def pids(self) -> list[int]:
-        return [self.temporal.process.pid, self.worker.pid, self.server.process.pid]
+    def server_pid(self) -> int:
+        return self.cluster.servers[0].process.pid
+
+    @property
+    def temporal_pid(self) -> int:
+        assert self.cluster.temporal is not None
+        return self.cluster.temporal.process.pid
 
     async def quiesce(self) -> None:
-        await quiesce(self.pids)
+        await quiesce(self.cluster.pids)
 
 
-async def start_worker(
-    cluster: Cluster, name: str, task_queue: str, env: dict[str, str]
-) -> WorkerProcess:
-    assert cluster.temporal is not None
-    argv = [
-        sys.executable,
-        "-m",
-        "worker",
-        "--temporal-address",
-        cluster.temporal.address,
-        "--task-queue",
-        task_queue,
-    ]
-    full_env = harness._base_env(
-        {
-            **ZERO_DELAYS.env(),
-            "ORDER_OUTBOX_DIR": str(cluster.root / "outbox"),
-            **env,
-        }
-    )
-    log = cluster.root / "logs" / f"worker-{name}.log"
-    # WorkerProcess asks the cluster for the queue's pollers: the cluster's queue.
-    cluster.task_queue = task_queue
-    worker = WorkerProcess(Process(f"worker-{name}", argv, full_env, log), cluster)
-    cluster.workers.append(worker)
-    await worker.start()
-    return worker
-
-
-async def open_stack(
-    root: Path, name: str, *, tuning: Sequence[str], worker_env: dict[str, str]
-) -> Stack:
-    cluster = Cluster(root / name, ZERO_DELAYS)
+async def start_processes(
+    root: Path, name: str, *, tuning: Sequence[str], worker_env: Mapping[str, str]
+) -> Processes:
+    """As `make run` starts them, the dev server with `tuning`; the worker with zero delays."""
+    cluster = Cluster(root / name, ZERO_DELAYS, ledger_effects=False)
     cluster.root.mkdir(parents=True, exist_ok=True)
-    temporal = await cluster.start_temporal(
-        name=f"temporal-{name}", flags=tuning, log_level="error"
-    )
-    task_queue = f"orders-bench-{uuid.uuid4().hex[:8]}"
-    worker = await start_worker(cluster, name, task_queue, worker_env)
-    argv = [
-        sys.executable,
-        "-m",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--temporal-address",
-        temporal.address,
-        "--task-queue",
-        task_queue,
-    ]
-    log = cluster.root / "logs" / f"server-{name}.log"
-    server = ServerProcess(Process(f"server-{name}", argv, harness._base_env({}), log))
-    cluster.servers.append(server)
-    await server.start()
-    client = await Client.connect(temporal.address)
-    channel = grpc.aio.insecure_channel(server.target)
-    stub: pb_grpc.OrderServiceAsyncStub = pb_grpc.OrderServiceStub(channel)
-    return Stack(name, cluster, temporal, worker, server, client, channel, stub)
-
-
-async def close_stack(stack: Stack) -> None:
-    await stack.channel.close(grace=None)
-    await stack.cluster.shutdown()
+    await cluster.start_temporal(name=f"temporal-{name}", flags=tuning, log_level="error")
+    await cluster.start_worker(env=worker_env, name=f"worker-{name}")
+    await cluster.start_server(name=f"server-{name}")
+    return Processes(cluster, await cluster.stack())
 
 
 # --- The calls, both ways ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Updates:
-    payment: str
-    cancellation: str
-    result_type: type
+def payment(order_id: str) -> pb.ConfirmPaymentRequest:
+    return payment_request(order_id, f"TXN-{order_id}")
 
 
-def _updates() -> _Updates | None:
-    """The workflow's update names, if workflows/models.py defines them."""
-    payment = getattr(models, "SUBMIT_PAYMENT_UPDATE", None)
-    cancellation = getattr(models, "REQUEST_CANCELLATION_UPDATE", None)
-    result_type = getattr(models, "UpdateResult", None)
-    if payment is None or cancellation is None or result_type is None:
-        return None
-    return _Updates(payment, cancellation, result_type)
-
-
-UPDATES = _updates()
-
-
-def servicer_uses_updates() -> bool:
-    """Whether ConfirmPayment/CancelOrder make one update call (else: query, then signal)."""
-    return UPDATES is not None and "SUBMIT_PAYMENT_UPDATE" in SERVICER_SOURCE.read_text()
-
-
-def payment_request(order_id: str) -> pb.ConfirmPaymentRequest:
-    request = create_request()
-    return pb.ConfirmPaymentRequest(
-        order_id=order_id,
-        transaction_id=f"TXN-{order_id}",
-        amount=request.items[0].price,  # one item, quantity 1: the total
-        payment_method=PAYMENT_METHOD,
-    )
-
-
-def cancel_request(order_id: str) -> pb.CancelOrderRequest:
+def cancellation(order_id: str) -> pb.CancelOrderRequest:
     return pb.CancelOrderRequest(order_id=order_id, reason=CANCEL_REASON)
 
 
 class Raw:
     """The Temporal calls the servicer makes, made directly with the temporalio client."""
 
-    def __init__(self, client: Client, task_queue: str, *, updates: bool) -> None:
+    def __init__(self, client: Client, task_queue: str) -> None:
         self.client = client
         self.task_queue = task_queue
-        self.updates = updates
 
     def handle(self, order_id: str) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(models.workflow_id_for(order_id))
@@ -511,35 +398,18 @@ class Raw:
         )
         return state
 
-    async def pay(self, request: pb.ConfirmPaymentRequest) -> object:
+    async def pay(self, request: pb.ConfirmPaymentRequest) -> None:
         order_id, payment = validation.validate_confirm_payment(request)
-        handle = self.handle(order_id)
-        if self.updates and UPDATES is not None:
-            return await handle.execute_update(
-                UPDATES.payment,
-                payment,
-                id=f"payment-{payment.transaction_id}",
-                result_type=UPDATES.result_type,
-                rpc_timeout=RPC_TIMEOUT,
-            )
-        await self.get(order_id)
-        await handle.signal(models.CONFIRM_PAYMENT_SIGNAL, payment, rpc_timeout=RPC_TIMEOUT)
-        return None
+        await self._query_then_signal(order_id, models.CONFIRM_PAYMENT_SIGNAL, payment)
 
-    async def cancel(self, request: pb.CancelOrderRequest) -> object:
+    async def cancel(self, request: pb.CancelOrderRequest) -> None:
         order_id, cancel = validation.validate_cancel_order(request)
-        handle = self.handle(order_id)
-        if self.updates and UPDATES is not None:
-            return await handle.execute_update(
-                UPDATES.cancellation,
-                cancel,
-                id="cancel",
-                result_type=UPDATES.result_type,
-                rpc_timeout=RPC_TIMEOUT,
-            )
+        await self._query_then_signal(order_id, models.CANCEL_ORDER_SIGNAL, cancel)
+
+    async def _query_then_signal(self, order_id: str, signal: str, arg: object) -> None:
+        """The servicer's writes: the query its precheck needs, then the signal (0009)."""
         await self.get(order_id)
-        await handle.signal(models.CANCEL_ORDER_SIGNAL, cancel, rpc_timeout=RPC_TIMEOUT)
-        return None
+        await self.handle(order_id).signal(signal, arg, rpc_timeout=RPC_TIMEOUT)
 
 
 def order_input(request: pb.CreateOrderRequest) -> models.OrderInput:
@@ -549,7 +419,7 @@ def order_input(request: pb.CreateOrderRequest) -> models.OrderInput:
 
 async def whole_order_grpc(stub: pb_grpc.OrderServiceAsyncStub) -> None:
     created = await stub.CreateOrder(create_request())
-    await stub.ConfirmPayment(payment_request(created.order_id))
+    await stub.ConfirmPayment(payment(created.order_id))
     last = None
     async for order in stub.WatchOrder(pb.WatchOrderRequest(order_id=created.order_id)):
         last = order.status
@@ -560,7 +430,7 @@ async def whole_order_grpc(stub: pb_grpc.OrderServiceAsyncStub) -> None:
 async def whole_order_raw(raw: Raw) -> None:
     order = order_input(create_request())
     handle = await raw.start(order)
-    await raw.pay(payment_request(order.order_id))
+    await raw.pay(payment(order.order_id))
     state = await raw.client.get_workflow_handle(handle.id, result_type=models.OrderState).result()
     if state.status != models.OrderStatus.DELIVERED:
         raise RuntimeError(f"order {order.order_id} ended {state.status}")
@@ -571,7 +441,7 @@ async def whole_order_raw(raw: Raw) -> None:
 
 @dataclass
 class Bench:
-    stack: Stack
+    processes: Processes
     raw: Raw
     sizes: Sizes
     concurrency: int
@@ -587,30 +457,23 @@ class Bench:
         grpc_call: Callable[[int, int], Awaitable[object]],
     ) -> Comparison:
         """raw, gRPC, raw, gRPC ...: `count` calls each; the call gets (round, index)."""
+        pids = [*self.processes.cluster.pids, os.getpid()]
         for round_ in range(self.sizes.rounds):
             for side, call in (("raw", raw_call), ("gRPC", grpc_call)):
-                await self.stack.quiesce()
-                cpu_before = [cpu_seconds(pid) for pid in [*self.stack.pids, os.getpid()]]
+                await self.processes.quiesce()
+                cpu_before = [cpu_seconds(pid) for pid in pids]
                 run = await run_calls(
                     count,
                     self.concurrency,
                     lambda i, r=round_, c=call: c(r, i),  # type: ignore[misc]
-                    server_pid=self.stack.server.process.pid,
+                    server_pid=self.processes.server_pid,
                 )
                 (comparison.raw if side == "raw" else comparison.grpc).runs.append(run)
-                cores = [
+                run.cores = [
                     (cpu_seconds(pid) - before) / run.wall
-                    for pid, before in zip([*self.stack.pids, os.getpid()], cpu_before, strict=True)
+                    for pid, before in zip(pids, cpu_before, strict=True)
                 ]
-                run.cores = cores
-                self.log(
-                    f"  {comparison.name:<15} {side:<4} round {round_ + 1}: "
-                    f"{len(run.latencies) / run.wall:7.1f}/s"
-                    f"  p50 {ms(percentile(run.latencies, 0.5))} ms"
-                    f"  p99 {ms(percentile(run.latencies, 0.99))} ms  cores "
-                    + "/".join(f"{c:.2f}" for c in run.cores)
-                    + (f"  ERRORS {len(run.errors)}: {run.errors[0]}" if run.errors else "")
-                )
+                self.log(f"  {comparison.name:<15} {side:<4} round {round_ + 1}: {run.summary()}")
         return comparison
 
     def take_pending(self, count: int) -> list[str]:
@@ -620,7 +483,7 @@ class Bench:
         return taken
 
     async def warm_up(self) -> None:
-        stub, raw = self.stack.stub, self.raw
+        stub, raw = self.processes.stack.stub, self.raw
         for _ in range(10):
             await whole_order_grpc(stub)
             await whole_order_raw(raw)
@@ -631,16 +494,16 @@ class Bench:
 
     async def grpc_floor(self, count: int) -> Side:
         """Health/Check: what grpc.aio alone costs the server per unary RPC, no Temporal call."""
-        health = health_pb2_grpc.HealthStub(self.stack.channel)
-        request = health_pb2.HealthCheckRequest(service=harness.SERVICE_NAME)
-        await self.stack.quiesce()
+        health = health_pb2_grpc.HealthStub(self.processes.stack.channel)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        await self.processes.quiesce()
         side = Side()
         side.runs.append(
             await run_calls(
                 count,
                 self.concurrency,
                 lambda _i: health.Check(request),
-                server_pid=self.stack.server.process.pid,
+                server_pid=self.processes.server_pid,
             )
         )
         return side
@@ -658,10 +521,10 @@ class Bench:
             self.pending.append(order.order_id)
 
         async def grpc_call(r: int, i: int) -> None:
-            response = await self.stack.stub.CreateOrder(requests[i])
+            response = await self.processes.stack.stub.CreateOrder(requests[i])
             self.pending.append(response.order_id)
 
-        comparison = Comparison("CreateOrder", "CreateOrder", "start_workflow", 0.95)
+        comparison = Comparison("CreateOrder", "start_workflow", 0.95)
         return await self.interleave(comparison, n, raw_call, grpc_call)
 
     async def get(self) -> Comparison:
@@ -673,64 +536,55 @@ class Bench:
             await self.raw.get(ids[i])
 
         async def grpc_call(r: int, i: int) -> None:
-            await self.stack.stub.GetOrder(pb.GetOrderRequest(order_id=ids[i]))
+            await self.processes.stack.stub.GetOrder(pb.GetOrderRequest(order_id=ids[i]))
 
-        comparison = Comparison("GetOrder", "GetOrder", "query get_full_state", 0.90)
+        comparison = Comparison("GetOrder", "query get_full_state", 0.90)
         return await self.interleave(comparison, n, raw_call, grpc_call)
 
     async def pay(self) -> Comparison:
-        n = self.sizes.pay
-        orders = {
-            (r, side): self.take_pending(n) for r in range(self.sizes.rounds) for side in "rg"
-        }
-
-        async def raw_call(r: int, i: int) -> None:
-            await self.raw.pay(payment_request(orders[(r, "r")][i]))
-
-        async def grpc_call(r: int, i: int) -> None:
-            await self.stack.stub.ConfirmPayment(payment_request(orders[(r, "g")][i]))
-
-        calls = (
-            f"update {UPDATES.payment}"
-            if self.raw.updates and UPDATES
-            else f"query + signal {models.CONFIRM_PAYMENT_SIGNAL}"
+        stub = self.processes.stack.stub
+        return await self.write(
+            Comparison("ConfirmPayment", f"query + signal {models.CONFIRM_PAYMENT_SIGNAL}", 0.90),
+            self.sizes.pay,
+            lambda order_id: self.raw.pay(payment(order_id)),
+            lambda order_id: stub.ConfirmPayment(payment(order_id)),
         )
-        comparison = Comparison("ConfirmPayment", "ConfirmPayment", calls, 0.90)
-        return await self.interleave(comparison, n, raw_call, grpc_call)
 
     async def cancel(self) -> Comparison:
-        n = self.sizes.cancel
-        orders = {
-            (r, side): self.take_pending(n) for r in range(self.sizes.rounds) for side in "rg"
-        }
-
-        async def raw_call(r: int, i: int) -> None:
-            await self.raw.cancel(cancel_request(orders[(r, "r")][i]))
-
-        async def grpc_call(r: int, i: int) -> None:
-            await self.stack.stub.CancelOrder(cancel_request(orders[(r, "g")][i]))
-
-        calls = (
-            f"update {UPDATES.cancellation}"
-            if self.raw.updates and UPDATES
-            else f"query + signal {models.CANCEL_ORDER_SIGNAL}"
+        stub = self.processes.stack.stub
+        return await self.write(
+            Comparison("CancelOrder", f"query + signal {models.CANCEL_ORDER_SIGNAL}", 0.90),
+            self.sizes.cancel,
+            lambda order_id: self.raw.cancel(cancellation(order_id)),
+            lambda order_id: stub.CancelOrder(cancellation(order_id)),
         )
-        comparison = Comparison("CancelOrder", "CancelOrder", calls, 0.90)
-        return await self.interleave(comparison, n, raw_call, grpc_call)
+
+    async def write(
+        self,
+        comparison: Comparison,
+        count: int,
+        raw_call: Callable[[str], Awaitable[object]],
+        grpc_call: Callable[[str], Awaitable[object]],
+    ) -> Comparison:
+        """A write to pending orders: `count` of them for each side of each round."""
+        orders = {
+            (r, side): self.take_pending(count) for r in range(self.sizes.rounds) for side in "rg"
+        }
+        return await self.interleave(
+            comparison,
+            count,
+            lambda r, i: raw_call(orders[(r, "r")][i]),
+            lambda r, i: grpc_call(orders[(r, "g")][i]),
+        )
 
     async def whole(self) -> Comparison:
         async def raw_call(r: int, i: int) -> None:
             await whole_order_raw(self.raw)
 
         async def grpc_call(r: int, i: int) -> None:
-            await whole_order_grpc(self.stack.stub)
+            await whole_order_grpc(self.processes.stack.stub)
 
-        comparison = Comparison(
-            "Whole orders",
-            "Create + Pay + WatchOrder",
-            "start + pay + result",
-            0.90,
-        )
+        comparison = Comparison("Whole orders", "start + pay + result", 0.90)
         return await self.interleave(comparison, self.sizes.whole, raw_call, grpc_call)
 
 
@@ -750,27 +604,28 @@ class DevServerResult:
 
 
 async def devserver_comparison(
-    tuned: Stack, plain: Stack, sizes: Sizes, concurrency: int, log: Callable[[str], None]
+    tuned: Processes,
+    plain: Processes,
+    sizes: Sizes,
+    concurrency: int,
+    log: Callable[[str], None],
 ) -> tuple[Side, Side]:
-    """Whole orders through gRPC, plain stack and tuned stack in turn."""
+    """Whole orders through gRPC, plain processes and tuned ones in turn."""
     plain_side, tuned_side = Side(), Side()
     for _ in range(5):
-        await whole_order_grpc(plain.stub)
+        await whole_order_grpc(plain.stack.stub)
     for round_ in range(sizes.devserver_rounds):
-        for name, stack, side in (("plain", plain, plain_side), ("tuned", tuned, tuned_side)):
+        for name, on, side in (("plain", plain, plain_side), ("tuned", tuned, tuned_side)):
             await plain.quiesce()
             await tuned.quiesce()
             run = await run_for(
                 sizes.devserver_seconds,
                 concurrency,
-                lambda _i, s=stack: whole_order_grpc(s.stub),  # type: ignore[misc]
+                lambda _i, s=on.stack: whole_order_grpc(s.stub),  # type: ignore[misc]
                 warm_up=sizes.devserver_warm_up,
             )
             side.runs.append(run)
-            log(
-                f"  dev server {name:<5} round {round_ + 1}: {len(run.latencies) / run.wall:6.1f} "
-                f"orders/s" + (f"  ERRORS {len(run.errors)}: {run.errors[0]}" if run.errors else "")
-            )
+            log(f"  dev server {name:<5} round {round_ + 1}: {run.summary(' orders/s')}")
     return plain_side, tuned_side
 
 
@@ -784,24 +639,18 @@ PARKING_BACKLOG = 100
 class Backlog:
     """The queue's workflow task backlog, as Temporal estimates it, refreshed twice a second."""
 
-    def __init__(self, client: Client, task_queue: str) -> None:
-        self._client = client
-        self._request = workflowservice.DescribeTaskQueueRequest(
-            namespace=client.namespace,
-            task_queue=taskqueue.TaskQueue(
-                name=task_queue, kind=enums.TaskQueueKind.TASK_QUEUE_KIND_NORMAL
-            ),
-            task_queue_type=enums.TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-            report_stats=True,
-        )
+    def __init__(self, cluster: Cluster, task_queue: str) -> None:
+        self._cluster = cluster
+        self._task_queue = task_queue
         self.count = 0
         self._changed = asyncio.Event()
 
     async def follow(self) -> None:
+        workflow_tasks = enums.TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW
         while True:
             with contextlib.suppress(Exception):
-                response = await self._client.workflow_service.describe_task_queue(
-                    self._request, timeout=timedelta(seconds=2)
+                response = await self._cluster.describe_queue(
+                    workflow_tasks, self._task_queue, stats=True
                 )
                 self.count = response.stats.approximate_backlog_count
                 self._changed.set()
@@ -842,23 +691,23 @@ class ParkedResult:
 class Parking:
     """A worker of its own with orders parked on it: started, reserved, waiting for payment."""
 
-    def __init__(self, stack: Stack, worker: WorkerProcess, task_queue: str) -> None:
-        self.stack = stack
+    def __init__(self, processes: Processes, worker: WorkerProcess) -> None:
+        self.processes = processes
         self.worker = worker
-        self.task_queue = task_queue
-        self.raw = Raw(stack.client, task_queue, updates=False)
+        self.task_queue = worker.task_queue
+        self.raw = Raw(processes.stack.client, worker.task_queue)
         self.parked: list[str] = []
         # Orders started but never parked: their first workflow task was never delivered.
         self.stuck: set[str] = set()
 
     @classmethod
-    async def open(cls, stack: Stack, name: str) -> Parking:
+    async def open(cls, processes: Processes, name: str) -> Parking:
         task_queue = f"orders-{name}-{uuid.uuid4().hex[:8]}"
-        worker = await start_worker(stack.cluster, name, task_queue, {})
-        return cls(stack, worker, task_queue)
+        worker = await processes.cluster.start_worker(task_queue=task_queue, name=f"worker-{name}")
+        return cls(processes, worker)
 
     async def park(self, total: int, concurrency: int, log: Callable[[str], None]) -> None:
-        backlog = Backlog(self.stack.client, self.task_queue)
+        backlog = Backlog(self.processes.cluster, self.task_queue)
         monitor = asyncio.create_task(backlog.follow())
 
         async def one(_i: int) -> None:
@@ -879,9 +728,9 @@ class Parking:
 
     async def settle(self, total: int, log: Callable[[str], None]) -> None:
         """Until every order is parked: listed as pending, its reservation and email done."""
-        pids = [self.stack.temporal.process.pid, self.worker.pid]
+        pids = [self.processes.temporal_pid, self.worker.pid]
         await quiesce(pids, limit=120)
-        client = self.stack.client
+        client = self.raw.client
         query = f'TaskQueue="{self.task_queue}" AND OrderStatus="{models.OrderStatus.PENDING}"'
         last, since = -1, time.monotonic()
         while (count := (await client.count_workflows(query)).count) < total:
@@ -906,43 +755,39 @@ class Parking:
 
 
 async def parked_orders(
-    stack: Stack, sizes: Sizes, concurrency: int, log: Callable[[str], None]
+    processes: Processes, sizes: Sizes, concurrency: int, log: Callable[[str], None]
 ) -> ParkedResult:
     """GetOrder (gRPC) on a worker with few, and one with many, orders waiting for payment.
 
     Reads alternate between the two (few, many, few, many), so the machine's
     noise falls on both; the many's worker RSS is read before and after parking.
     """
-    small = await Parking.open(stack, f"parked-{sizes.parked_small}")
-    large = await Parking.open(stack, f"parked-{sizes.parked_large}")
+    small = await Parking.open(processes, f"parked-{sizes.parked_small}")
+    large = await Parking.open(processes, f"parked-{sizes.parked_large}")
     await small.park(sizes.parked_small, concurrency, log)
-    await quiesce([stack.temporal.process.pid, large.worker.pid])
+    await quiesce([processes.temporal_pid, large.worker.pid])
     rss_empty = rss_bytes(large.worker.pid)
     started = time.perf_counter()
     await large.park(sizes.parked_large, concurrency, log)
     park_seconds = time.perf_counter() - started
     log(f"  parked {sizes.parked_large:,} orders in {park_seconds:.0f} s")
     sides = {"small": Side(), "large": Side()}
+    stub = processes.stack.stub
     per_run = sizes.parked_reads // 2
     samples = {"small": small.sample(per_run * 2, 1), "large": large.sample(per_run * 2, 2)}
     for round_ in range(2):
         for name in ("small", "large"):
             ids = samples[name][round_ * per_run : (round_ + 1) * per_run]
-            await stack.quiesce()
+            await processes.quiesce()
             run = await run_calls(
                 per_run,
                 concurrency,
-                lambda i, ids=ids: stack.stub.GetOrder(pb.GetOrderRequest(order_id=ids[i])),  # type: ignore[misc]
-                server_pid=stack.server.process.pid,
+                lambda i, ids=ids: stub.GetOrder(pb.GetOrderRequest(order_id=ids[i])),  # type: ignore[misc]
+                server_pid=processes.server_pid,
             )
             sides[name].runs.append(run)
             parked = sizes.parked_small if name == "small" else sizes.parked_large
-            log(
-                f"  GetOrder with {parked:>6,} parked, round {round_ + 1}: "
-                f"{len(run.latencies) / run.wall:5.0f}/s  p50 {ms(percentile(run.latencies, 0.5))} "
-                f"ms  p99 {ms(percentile(run.latencies, 0.99))} ms"
-                + (f"  ERRORS {len(run.errors)}: {run.errors[0]}" if run.errors else "")
-            )
+            log(f"  GetOrder with {parked:>6,} parked, round {round_ + 1}: {run.summary()}")
     result = ParkedResult(
         small=sizes.parked_small,
         large=sizes.parked_large,
@@ -999,17 +844,17 @@ class Report:
     concurrency: int
     sizes: Sizes
     quick: bool
-    updates: bool
     started_at: datetime
     duration: float
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     temporal_version: str
 
-    def markdown(self, *, title: bool = True, heading: str = "##") -> str:
-        """The results; `title` adds the document's title, `heading` marks the sections."""
+    def markdown(self) -> str:
+        """docs/performance/results.md."""
         lines = [
-            *(["# Performance: the gRPC front against raw Temporal", ""] if title else []),
+            "# Performance: the gRPC front against raw Temporal",
+            "",
             f"Run {self.started_at:%Y-%m-%d %H:%M} UTC, `make bench"
             + (" ARGS=--quick" if self.quick else "")
             + f"`, {self.duration / 60:.1f} min; {self.concurrency} concurrent callers; "
@@ -1019,9 +864,8 @@ class Report:
             f"Load average before / after: {self.load_before[0]:.2f} / {self.load_after[0]:.2f} "
             "(the machine is shared: numbers are noisy).",
             "",
-            "Writes: the servicer makes "
-            + ("one update call" if self.updates else "a query, then a signal")
-            + " for ConfirmPayment and CancelOrder; the raw side makes the same calls.",
+            "Writes: the servicer makes a query, then a signal for ConfirmPayment and "
+            "CancelOrder (decision 0009); the raw side makes the same calls.",
             "",
             "| operation | raw calls | raw /s | gRPC /s | **gRPC / raw** | goal | per round "
             "| raw p50 ms | gRPC p50 ms | raw p99 ms | gRPC p99 ms | server CPU / call |",
@@ -1059,7 +903,7 @@ class Report:
             d = self.devserver
             lines += [
                 "",
-                f"{heading} Dev server: plain vs the `make run` default",
+                "## Dev server: plain vs the `make run` default",
                 "",
                 "Whole orders per second through gRPC (create, pay, WatchOrder until delivered, "
                 "zero simulated delays), each stack its own dev server, worker and gRPC server, "
@@ -1069,7 +913,7 @@ class Report:
                 "|---|---|---|---:|---:|---:|",
                 f"| plain | `--db-filename` only | SDK defaults | {d.plain.throughput:.1f} "
                 f"| {ms(d.plain.p(0.5))} | {ms(d.plain.p(0.99))} |",
-                f"| `make run` | `{' '.join(d.tuned_flags)}` | tuned (worker/tuning.py) "
+                f"| `make run` | `{' '.join(d.tuned_flags)}` | tuned (worker/settings.py) "
                 f"| {d.tuned.throughput:.1f} | {ms(d.tuned.p(0.5))} | {ms(d.tuned.p(0.99))} |",
                 "",
                 f"**{d.ratio:.2f}×** the plain dev server's orders per second (goal ≥ 2×: "
@@ -1079,7 +923,7 @@ class Report:
             p = self.parked
             lines += [
                 "",
-                f"{heading} Orders waiting for payment",
+                "## Orders waiting for payment",
                 "",
                 f"GetOrder through gRPC, {self.concurrency} callers, on random orders waiting for "
                 f"payment: two workers of their own, one with {p.small:,} orders parked, one with "
@@ -1190,49 +1034,6 @@ def chart(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(report: Report) -> bool:
-    """Puts the results between the README's markers; False if it has none."""
-    text = README.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        return False
-    block = (
-        report.markdown(title=False, heading="####")
-        + "\n![gRPC against raw Temporal](docs/performance/chart.png)\n"
-    )
-    README.write_text(text[: begin + len(README_BEGIN)] + "\n" + block + text[end:])
-    return True
-
-
-def print_table(report: Report) -> None:
-    print()
-    print(
-        f"{'operation':<15} {'raw/s':>8} {'gRPC/s':>8} {'ratio':>6} {'goal':>5} "
-        f"{'raw p50':>8} {'gRPC p50':>8} {'raw p99':>8} {'gRPC p99':>8} {'CPU/RPC':>9}"
-    )
-    for c in report.comparisons:
-        print(
-            f"{c.name:<15} {c.raw.throughput:8.1f} {c.grpc.throughput:8.1f} "
-            f"{ratio_text(c.ratio, c.goal):>6} "
-            f"{c.goal:5.2f} {ms(c.raw.p(0.5)):>8} {ms(c.grpc.p(0.5)):>8} {ms(c.raw.p(0.99)):>8} "
-            f"{ms(c.grpc.p(0.99)):>8} {c.grpc.cpu_per_call * 1e6:7.0f}µs"
-            + ("" if c.met else "  (goal not met)")
-        )
-    if report.devserver:
-        d = report.devserver
-        print(
-            f"dev server: plain {d.plain.throughput:.1f} orders/s, make run default "
-            f"{d.tuned.throughput:.1f} orders/s: {d.ratio:.2f}× (goal 2×)"
-        )
-    if report.parked:
-        p = report.parked
-        print(
-            f"parked: GetOrder p99 {ms(p.small_reads.p(0.99))} ms with {p.small}, "
-            f"{ms(p.large_reads.p(0.99))} ms with {p.large}: {p.p99_ratio:.2f}× (goal ≤ 2×); "
-            f"{p.bytes_per_order / 1024:.1f} KiB per parked order"
-        )
-
-
 # --- Main ----------------------------------------------------------------------------------------
 
 
@@ -1240,7 +1041,7 @@ def temporal_version() -> str:
     import subprocess
 
     out = subprocess.run(
-        [str(harness.BIN / "temporal"), "--version"], capture_output=True, text=True, check=False
+        [venv_binary("temporal"), "--version"], capture_output=True, text=True, check=False
     )
     return out.stdout.strip() or "temporal CLI"
 
@@ -1250,25 +1051,21 @@ async def main(args: argparse.Namespace) -> Report:
     started_at = datetime.now(UTC)
     began = time.perf_counter()
     load_before = os.getloadavg()
-    updates = servicer_uses_updates()
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f}s] {line}", flush=True)
 
-    tuning = (
-        makefile_temporal_tuning()
-        if args.temporal_tuning is None
-        else shlex.split(args.temporal_tuning)
-    )
+    tuning = shlex.split(args.temporal_tuning)
     root = Path(tempfile.mkdtemp(prefix="orders-bench-"))
     log(f"processes and logs under {root}; dev server tuning: {' '.join(tuning)}")
-    stacks: list[Stack] = []
+    clusters: list[Cluster] = []
     try:
-        tuned = await open_stack(root, "tuned", tuning=tuning, worker_env={})
-        stacks.append(tuned)
-        raw = Raw(tuned.client, tuned.cluster.task_queue, updates=updates)
-        bench = Bench(tuned, raw, sizes, args.concurrency, log)
-        log(f"started; writes are {'updates' if updates else 'query + signal'}; warming up")
+        tuned = await start_processes(root, "tuned", tuning=tuning, worker_env={})
+        clusters.append(tuned.cluster)
+        bench = Bench(
+            tuned, Raw(tuned.stack.client, tuned.stack.task_queue), sizes, args.concurrency, log
+        )
+        log("started; warming up")
         await bench.warm_up()
         comparisons: list[Comparison] = []
         floor = await bench.grpc_floor(sizes.get)
@@ -1281,13 +1078,13 @@ async def main(args: argparse.Namespace) -> Report:
         devserver = None
         if "devserver" in args.phases:
             log("dev server: plain vs tuned")
-            plain = await open_stack(root, "plain", tuning=[], worker_env=PLAIN_WORKER_ENV)
-            stacks.append(plain)
+            plain = await start_processes(root, "plain", tuning=[], worker_env=PLAIN_WORKER_ENV)
+            clusters.append(plain.cluster)
             plain_side, tuned_side = await devserver_comparison(
                 tuned, plain, sizes, args.concurrency, log
             )
-            await close_stack(plain)
-            stacks.remove(plain)
+            await plain.cluster.shutdown()
+            clusters.remove(plain.cluster)
             devserver = DevServerResult(plain_side, tuned_side, ["--db-filename"], tuning)
         parked = None
         if "parked" in args.phases:
@@ -1297,10 +1094,10 @@ async def main(args: argparse.Namespace) -> Report:
         log(f"failed: the processes' logs are under {root}")
         raise
     finally:
-        for stack in stacks:
+        for cluster in clusters:
             with contextlib.suppress(Exception):
-                await close_stack(stack)
-        harness.kill_strays()
+                await cluster.shutdown()
+        kill_strays()
     # Hundreds of MB of Temporal state: kept only when something went wrong.
     shutil.rmtree(root, ignore_errors=True)
     return Report(
@@ -1311,7 +1108,6 @@ async def main(args: argparse.Namespace) -> Report:
         concurrency=args.concurrency,
         sizes=sizes,
         quick=args.quick,
-        updates=updates,
         started_at=started_at,
         duration=time.perf_counter() - began,
         load_before=load_before,
@@ -1336,7 +1132,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--temporal-tuning",
-        help="dev server flags to measure instead of the Makefile's TEMPORAL_TUNING",
+        required=True,
+        help="the dev server flags of `make run` (make bench passes the Makefile's "
+        "TEMPORAL_TUNING), or others to measure",
     )
     parser.add_argument(
         "--out",
@@ -1364,19 +1162,14 @@ def run(argv: Sequence[str]) -> int:
     try:
         report = asyncio.run(main(args))
     finally:
-        harness.kill_strays()
-    print_table(report)
+        kill_strays()
+    results = report.markdown()
+    print(f"\n{results}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(report.markdown())
+    (args.out / "results.md").write_text(results)
     if report.comparisons:
         chart(report, args.out / "chart.png")
     print(f"\nwrote {args.out / 'results.md'} and {args.out / 'chart.png'}")
-    if not args.quick and args.out == OUT_DIR and set(args.phases) == set(PHASES):
-        print(
-            "updated README.md"
-            if update_readme(report)
-            else "README.md has no markers: not updated"
-        )
     return 0
 
 

@@ -26,15 +26,13 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from activities.config import SimulationConfig
-from tests.conftest import open_stack
-from tests.faults.load_driver import (
+from activities.providers import ProviderSettings
+from tests.support.load import (
     Auditor,
     Driver,
     Scenario,
@@ -42,6 +40,7 @@ from tests.faults.load_driver import (
     summary,
     wait_until_closed,
 )
+from tests.support.stack import open_stack
 
 ORDERS = int(os.environ.get("LOAD_TEST_ORDERS", "1000"))
 CONCURRENCY = int(os.environ.get("LOAD_TEST_CONCURRENCY", "50"))
@@ -53,14 +52,14 @@ PAYMENT_TIMEOUT_SECONDS = 10
 # Short enough for a few minutes in all, long enough that cancels land in every state.
 
 
-def simulation(outbox: Path) -> SimulationConfig:
-    return replace(
-        SimulationConfig.instant(outbox),
-        inventory=0.02,
-        payment=0.05,
-        prepare=0.2,
-        ship=0.05,
-        deliver=0.1,
+def simulation(outbox: Path) -> ProviderSettings:
+    return ProviderSettings.instant(
+        outbox,
+        sim_inventory_seconds=0.02,
+        sim_payment_seconds=0.05,
+        sim_prepare_seconds=0.2,
+        sim_ship_seconds=0.05,
+        sim_deliver_seconds=0.1,
     )
 
 
@@ -79,18 +78,16 @@ async def test_load_with_invariants(
         simulation=simulation(tmp_path / "outbox"),
         payment_timeout_seconds=PAYMENT_TIMEOUT_SECONDS,
     ) as stack:
-        driver = Driver(stack.stub, stack.client, concurrency=CONCURRENCY)
+        driver = Driver(stack, concurrency=CONCURRENCY)
         started = time.monotonic()
         records = await driver.run(plans)
         driven = time.monotonic()
-        await wait_until_closed(stack.client, stack.task_queue, within=120)
+        await wait_until_closed(stack, within=120)
         settled = time.monotonic()
         await driver.pay_late(r for r in records if r.plan.scenario is Scenario.NEVER_PAY)
         paid_late = time.monotonic()
         auditor = Auditor(
-            stack.stub,
-            stack.client,
-            stack.activities,
+            stack,
             payment_timeout_reason=f"Payment not received within {PAYMENT_TIMEOUT_SECONDS} s",
             concurrency=AUDIT_CONCURRENCY,
         )

@@ -1,7 +1,7 @@
 """Faults with real processes, killed for real: no order is lost, no effect happens twice.
 
 Each test starts its own Temporal dev server, workers and gRPC servers as OS
-processes (tests/faults/harness.py) and kills them with real signals:
+processes (tests/support/cluster.py) and kills them with real signals:
 
 - a worker SIGKILLed while orders wait for payment, inside activities, and
   right after an effect (between activities), restarted each time;
@@ -35,22 +35,22 @@ from temporalio.client import WorkflowExecutionStatus
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from activities.ledger import EffectKind, Ledger
-from tests.conftest import LAPTOP_PRICE, create_request
-from tests.faults import harness
-from tests.faults.harness import (
+from activities.providers.ledger import EffectKind, Ledger
+from tests.support.cluster import (
     CallStats,
     Cluster,
     FailoverClient,
     LedgerAudit,
     Outcome,
+    ServerProcess,
     Simulation,
     audit_ledger,
     health,
-    monotonic,
+    kill_strays,
     open_cluster,
-    poll,
 )
+from tests.support.orders import create_request, payment_request
+from tests.support.polling import eventually
 from workflows.models import workflow_id_for
 
 SERVING = 1
@@ -99,7 +99,7 @@ def figures(
 @pytest.fixture(autouse=True)
 def no_stray_processes() -> Iterator[None]:
     yield
-    strays = harness.kill_strays()
+    strays = kill_strays()
     assert not strays, f"processes were left running (now killed): {strays}"
 
 
@@ -112,12 +112,7 @@ def new_order(n: int) -> pb.CreateOrderRequest:
 
 
 def payment(order_id: str, n: int) -> pb.ConfirmPaymentRequest:
-    return pb.ConfirmPaymentRequest(
-        order_id=order_id,
-        transaction_id=f"TXN-{n}",
-        amount=LAPTOP_PRICE,
-        payment_method="credit_card",
-    )
+    return payment_request(order_id, f"TXN-{n}")
 
 
 def cancellation(order_id: str) -> pb.CancelOrderRequest:
@@ -146,11 +141,10 @@ async def reaching(
     within: float,
 ) -> pb.Order:
     """Polls GetOrder (through the retrying client) until the order has one of `statuses`."""
-    return await poll(
+    return await eventually(
         lambda: client.get(order_id),
         lambda order: order.status in statuses,
         within=within,
-        interval=0.1,
         what=f"{order_id} reaching {sorted(pb.OrderStatus.Name(s) for s in statuses)}",
     )
 
@@ -173,7 +167,7 @@ async def all_waiting_for_payment(
     """Until every order is PENDING with its inventory reserved (it is PENDING from the start)."""
     await asyncio.gather(
         *(
-            poll(
+            eventually(
                 functools.partial(client.get, order_id),
                 lambda order: (
                     order.status == pb.ORDER_STATUS_PENDING
@@ -193,18 +187,40 @@ async def in_flight(ledger: Ledger, kind: EffectKind, pid: int) -> set[str]:
     return {a.key for a in await ledger.attempts(kind) if a.pid == pid and a.key not in done}
 
 
+async def charges_in_flight(ledger: Ledger, pid: int, *, within: float) -> set[str]:
+    """Until `pid` is capturing payments: the keys of the charges it has in flight."""
+    return await eventually(
+        lambda: in_flight(ledger, EffectKind.CHARGE, pid),
+        bool,
+        within=within,
+        interval=0.01,
+        what=f"charges in flight on pid {pid}",
+    )
+
+
+async def health_becomes(server: ServerProcess, status: int) -> None:
+    """Until the server's health check for OrderService answers `status`."""
+    await eventually(
+        lambda: health(server.target, rpc_timeout=1.0),
+        lambda answer: answer == status,
+        within=30,
+        interval=0.05,
+        what=f"health {'SERVING' if status == SERVING else 'NOT_SERVING'}",
+    )
+
+
 async def timed(call: Awaitable[object]) -> tuple[str, float]:
     """Awaits one RPC; its status code's name (OK if it succeeded) and how long it took."""
-    started = monotonic()
+    started = time.monotonic()
     try:
         await call
     except grpc.aio.AioRpcError as err:
-        return err.code().name, monotonic() - started
-    return "OK", monotonic() - started
+        return err.code().name, time.monotonic() - started
+    return "OK", time.monotonic() - started
 
 
 def since(started: float) -> float:
-    return monotonic() - started
+    return time.monotonic() - started
 
 
 def check_final_states(
@@ -251,7 +267,7 @@ async def all_closed(cluster: Cluster, order_ids: Iterable[str], *, within: floa
 
     async def closed(order_id: str) -> None:
         handle = temporal.get_workflow_handle(workflow_id_for(order_id))
-        await poll(
+        await eventually(
             handle.describe,
             lambda d: d.status == completed,
             within=within,
@@ -272,7 +288,7 @@ async def verify(
     after its start-to-close timeout. So the audit starts once every workflow has
     closed, which is the moment the workflow promises all its effects are done.
     """
-    began = monotonic()
+    began = time.monotonic()
     await all_closed(cluster, outcomes, within=120)
     figures.add("every workflow closed, all its emails sent, after", since(began))
     ledger = cluster.ledger
@@ -303,7 +319,7 @@ async def test_worker_sigkilled_at_each_stage_loses_nothing_and_repeats_nothing(
     before Temporal hears of it. Temporal retries those charges on the next
     worker, and the gateway must answer them without charging again.
     """
-    began = monotonic()
+    began = time.monotonic()
     async with open_cluster(tmp_path, simulation=STAGES) as cluster:
         await cluster.start_temporal()
         worker = await cluster.start_worker()
@@ -324,13 +340,13 @@ async def test_worker_sigkilled_at_each_stage_loses_nothing_and_repeats_nothing(
             figures.add("orders", f"{STAGE_ORDERS}: {dict(planned)}")
 
             # (a) Every order reserved, emailed, and waiting for its payment.
-            await poll(
+            await eventually(
                 lambda: ledger.effects(EffectKind.EMAIL),
                 lambda emails: len(emails) == STAGE_ORDERS,
                 within=60,
                 what="every order waiting for payment",
             )
-            killed = monotonic()
+            killed = time.monotonic()
             await worker.kill()
             worker = await cluster.start_worker()
             figures.add("(a) SIGKILL while waiting for payment: new worker polling", since(killed))
@@ -355,15 +371,9 @@ async def test_worker_sigkilled_at_each_stage_loses_nothing_and_repeats_nothing(
             )
 
             # (b) Inside activities: payments being captured right now.
-            cut_off = await poll(
-                lambda: in_flight(ledger, EffectKind.CHARGE, worker.pid),
-                bool,
-                within=30,
-                interval=0.01,
-                what="charges in flight",
-            )
+            cut_off = await charges_in_flight(ledger, worker.pid, within=30)
             killed_b = time.time()
-            killed = monotonic()
+            killed = time.monotonic()
             await worker.kill()
             proxy = await cluster.partition_proxy()
             worker = await cluster.start_worker(proxy=proxy)
@@ -372,22 +382,16 @@ async def test_worker_sigkilled_at_each_stage_loses_nothing_and_repeats_nothing(
 
             # (c) Between activities: the new worker is cut off from Temporal while it
             # captures payments; they complete at the gateway, then it dies unheard.
-            capturing = await poll(
-                lambda: in_flight(ledger, EffectKind.CHARGE, worker.pid),
-                bool,
-                within=90,
-                interval=0.01,
-                what="charges in flight on the partitioned worker",
-            )
+            capturing = await charges_in_flight(ledger, worker.pid, within=90)
             proxy.partition()
-            await poll(
+            await eventually(
                 lambda: ledger.effects(EffectKind.CHARGE),
                 lambda charges: capturing <= {c.key for c in charges},
                 within=30,
                 what="the partitioned worker's charges captured",
             )
             killed_c = time.time()
-            killed = monotonic()
+            killed = time.monotonic()
             await worker.kill()
             # The network comes back: the dead worker's connections close, its polls end.
             await proxy.close()
@@ -433,7 +437,7 @@ LOAD_ORDERS = 60
 async def test_one_worker_and_one_server_of_two_sigkilled_under_load(
     tmp_path: Path, figures: Figures
 ) -> None:
-    began = monotonic()
+    began = time.monotonic()
     async with open_cluster(tmp_path, simulation=LOAD) as cluster:
         await cluster.start_temporal()
         workers = [await cluster.start_worker(), await cluster.start_worker()]
@@ -458,7 +462,7 @@ async def test_one_worker_and_one_server_of_two_sigkilled_under_load(
         try:
             flows = asyncio.gather(*(place_and_pay(n) for n in range(LOAD_ORDERS)))
             await half_created.wait()
-            killed = monotonic()
+            killed = time.monotonic()
             await asyncio.gather(workers[0].kill(), servers[0].kill())
             figures.add("load", f"{LOAD_ORDERS} orders created and paid over ~3 s, round-robin")
             figures.add("SIGKILLed at", f"{len(created)} orders created: worker-1 and server-1")
@@ -508,20 +512,14 @@ async def test_temporal_restarted_on_its_state_file_loses_nothing(
             await reaching(client, in_delivery, {pb.ORDER_STATUS_SHIPPED}, within=30)
             before = {o: await client.get(o) for o in (pending, delivered, cancelled)}
 
-            stopped = monotonic()
+            stopped = time.monotonic()
             code = await temporal.process.signal(sig)
             figures.add(
                 f"Temporal stopped with {sig.name}", f"exit {code} after {since(stopped):.2f} s"
             )
 
             async def health_flip() -> float:
-                await poll(
-                    lambda: health(server.target, rpc_timeout=1.0),
-                    lambda status: status == NOT_SERVING,
-                    within=30,
-                    interval=0.05,
-                    what="health NOT_SERVING",
-                )
+                await health_becomes(server, NOT_SERVING)
                 return since(stopped)
 
             channel = grpc.aio.insecure_channel(server.target)
@@ -549,15 +547,9 @@ async def test_temporal_restarted_on_its_state_file_loses_nothing(
             assert worker.process.running, "the worker died while Temporal was down"
             figures.add("Temporal down for", since(stopped))
 
-            restarted = monotonic()
+            restarted = time.monotonic()
             figures.add("Temporal restarted and answering in", await temporal.start())
-            await poll(
-                lambda: health(server.target, rpc_timeout=1.0),
-                lambda status: status == SERVING,
-                within=30,
-                interval=0.05,
-                what="health SERVING again",
-            )
+            await health_becomes(server, SERVING)
             figures.add("health SERVING again after the restart began", since(restarted))
 
             after = {o: await client.get(o) for o in before}
@@ -568,7 +560,7 @@ async def test_temporal_restarted_on_its_state_file_loses_nothing(
                 await all_reaching(client, order_ids, {pb.ORDER_STATUS_DELIVERED}, within=90)
                 return since(started)
 
-            paid = monotonic()
+            paid = time.monotonic()
             await client.pay(payment(pending, 0))
             fresh = (await client.create(new_order(4))).order_id
             await client.pay(payment(fresh, 4))
@@ -613,13 +605,7 @@ async def test_rpcs_fail_with_unavailable_within_a_short_deadline_while_temporal
         try:
             order = await stub.CreateOrder(new_order(0), timeout=10)
             await temporal.process.kill()
-            await poll(
-                lambda: health(server.target, rpc_timeout=1.0),
-                lambda status: status == NOT_SERVING,
-                within=30,
-                interval=0.05,
-                what="health NOT_SERVING",
-            )
+            await health_becomes(server, NOT_SERVING)
             results = await asyncio.gather(
                 timed(stub.GetOrder(pb.GetOrderRequest(order_id=order.order_id), timeout=3)),
                 timed(
@@ -660,7 +646,7 @@ async def test_grpc_server_restarted_loses_nothing(tmp_path: Path, figures: Figu
                 order_id = ids[n]
                 before = {o: await client.get(o) for o in ids}
                 code = await server.process.signal(sig)
-                stopped = monotonic()
+                stopped = time.monotonic()
                 figures.add(f"{sig.name}: server exit status", code)
                 down = await timed(stub.GetOrder(pb.GetOrderRequest(order_id=order_id), timeout=5))
                 assert down[0] == UNAVAILABLE.name, down
@@ -676,7 +662,7 @@ async def test_grpc_server_restarted_loses_nothing(tmp_path: Path, figures: Figu
                         return None
                     return order
 
-                await poll(get_on_old_channel, lambda o: o is not None, within=60, interval=0.1)
+                await eventually(get_on_old_channel, lambda o: o is not None, within=60)
                 figures.add(f"{sig.name}: the old channel works again after", since(stopped))
                 assert {o: await client.get(o) for o in ids} == before, "state changed"
                 await stub.ConfirmPayment(payment(order_id, n), timeout=10)

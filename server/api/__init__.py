@@ -1,0 +1,1 @@
+"""The API: the OrderService RPCs, request validation, conversions and the error vocabulary."""

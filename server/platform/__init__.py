@@ -1,0 +1,1 @@
+"""The gRPC platform: app, settings, request path, auth, TLS, metrics, health, reflection."""

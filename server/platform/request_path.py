@@ -1,0 +1,212 @@
+"""The one path every RPC takes: log context, deadline, timing, metrics, errors as rich statuses.
+
+Servicer methods stay plain and raise; docs/decisions/0013 walks one CreateOrder through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from infra import logs
+from server.api import errors
+from server.platform.metrics import GrpcServerMetrics
+from workflows import models
+
+logger = logging.getLogger("server.rpc")
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_MALFORMED = errors.field_violation(
+    "request",
+    "Not a valid protobuf encoding of this method's request message.",
+    "MALFORMED_REQUEST",
+)
+# A bug is an error; Temporal or the workers down, a warning; the rest, what callers do.
+_LOG_LEVELS = {
+    grpc.StatusCode.INTERNAL: logging.ERROR,
+    grpc.StatusCode.UNAVAILABLE: logging.WARNING,
+}
+# time.monotonic() by which the caller of the RPC being served stops listening.
+_deadline: ContextVar[float | None] = ContextVar("rpc_deadline", default=None)
+
+
+def time_remaining() -> float | None:
+    """Seconds before the caller of the RPC being served gives up; None: it set no deadline."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return parse
+
+
+# (request streaming, response streaming): the kind's label, the handler's attribute
+# holding the behaviour, and grpc's factory for a handler of that kind.
+_KINDS: dict[tuple[bool, bool], tuple[str, str, Callable[..., Any]]] = {
+    (False, False): ("unary", "unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("server_stream", "unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("client_stream", "stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("bidi_stream", "stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def handler_of_the_same_kind(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    behavior: Callable[..., Any],
+    deserialize: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler for `behavior`, streaming as `handler` does."""
+    new_handler = _KINDS[handler.request_streaming, handler.response_streaming][2]
+    handler_of_kind: grpc.RpcMethodHandler[Any, Any] = new_handler(
+        behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer
+    )
+    return handler_of_kind
+
+
+@dataclass(frozen=True)
+class _Method:
+    kind: str  # unary, server_stream, client_stream, bidi_stream
+    service: str
+    name: str
+    logged: bool  # one line per RPC: the services of this server, not health or reflection
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        return (self.kind, self.service, self.name)
+
+
+@dataclass
+class _Outcome:
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    order_id: str = ""
+    messages: int | None = None  # on a stream: how many were sent
+
+
+class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Puts every RPC of every service through `_serving`; first among the interceptors,
+    so it sees what the others refuse too."""
+
+    def __init__(self, metrics: GrpcServerMetrics | None, *, logged_services: list[str]) -> None:
+        self._metrics = metrics
+        self._logged = frozenset(logged_services)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
+            return None
+        service, _, name = handler_call_details.method.lstrip("/").rpartition("/")
+        kind, attribute, _ = _KINDS[handler.request_streaming, handler.response_streaming]
+        behavior = getattr(handler, attribute)
+        method = _Method(kind, service, name, service in self._logged)
+        deserialize = handler.request_deserializer
+        if deserialize is not None and not handler.request_streaming:
+            deserialize = _tolerant(deserialize)
+        serving = self._serving
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+                async with serving(method, request, context) as outcome:
+                    outcome.messages = 0
+                    async for response in behavior(request, context):
+                        yield response
+                        outcome.messages += 1
+
+            wrapped: Callable[..., Any] = stream
+        elif inspect.iscoroutinefunction(behavior):
+
+            async def unary(request: Any, context: _Context) -> Any:
+                async with serving(method, request, context) as outcome:
+                    response = await behavior(request, context)
+                    outcome.order_id = outcome.order_id or getattr(response, "order_id", "")
+                    return response
+
+            wrapped = unary
+        else:  # a synchronous handler: not ours to wrap
+            return handler
+        return handler_of_the_same_kind(handler, wrapped, deserialize)
+
+    @asynccontextmanager
+    async def _serving(
+        self, method: _Method, request: Any, context: _Context
+    ) -> AsyncIterator[_Outcome]:
+        order_id = getattr(request, "order_id", "") if isinstance(request, Message) else ""
+        outcome = _Outcome(order_id=order_id)
+        remaining = context.time_remaining()
+        deadline = _deadline.set(None if remaining is None else time.monotonic() + remaining)
+        started = time.perf_counter()
+        if self._metrics is not None:
+            self._metrics.started_rpc(method.labels)
+        try:
+            with logs.rpc_context(method.name, order_id):
+                try:
+                    if isinstance(request, _Undecodable):
+                        raise errors.InvalidArgument([_MALFORMED])
+                    yield outcome
+                    code: grpc.StatusCode | None = context.code()
+                    outcome.code = code or grpc.StatusCode.OK
+                except (asyncio.CancelledError, GeneratorExit):
+                    # The caller went away or its deadline passed; gRPC has answered already.
+                    left = context.time_remaining()
+                    outcome.code = (
+                        grpc.StatusCode.DEADLINE_EXCEEDED
+                        if left is not None and left <= 0
+                        else grpc.StatusCode.CANCELLED
+                    )
+                    raise
+                except grpc.aio.AbortError:  # a handler that ended the call itself
+                    aborted: grpc.StatusCode | None = context.code()
+                    outcome.code = aborted or grpc.StatusCode.UNKNOWN
+                    raise
+                except Exception as exc:
+                    error = errors.translate(exc, order_id=order_id)
+                    outcome.code = error.code
+                    # grpc-stubs lacks the aio context's abort_with_status.
+                    await context.abort_with_status(error.to_grpc_status())  # type: ignore[attr-defined]
+        finally:
+            _deadline.reset(deadline)
+            self._record(method, outcome, time.perf_counter() - started)
+
+    def _record(self, method: _Method, outcome: _Outcome, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.handled_rpc(method.labels, outcome.code, seconds)
+        if not method.logged:
+            return
+        level = _LOG_LEVELS.get(outcome.code, logging.INFO)
+        line = "rpc=%s order_id=%s workflow_id=%s code=%s duration_ms=%d"
+        args: list[object] = [
+            method.name,
+            outcome.order_id or "-",
+            models.workflow_id_for(outcome.order_id) if outcome.order_id else "-",
+            outcome.code.name,
+            seconds * 1000,
+        ]
+        if outcome.messages is not None:
+            line += " messages=%d"
+            args.append(outcome.messages)
+        with logs.rpc_context(method.name, outcome.order_id):
+            logger.log(level, line, *args)

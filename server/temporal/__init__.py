@@ -1,0 +1,1 @@
+"""What the API does over Temporal: the order workflows, listing and watching orders."""

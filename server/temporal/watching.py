@@ -1,0 +1,254 @@
+"""WatchOrder: one shared watch per order, following its history (docs/decisions/0012)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import (
+    GetWorkflowExecutionHistoryRequest,
+    GetWorkflowExecutionHistoryResponse,
+)
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from acme.orders.v1 import order_service_pb2 as pb
+from server.api import convert, errors
+from server.temporal.orders import TIMEOUT_SLACK_SECONDS
+from workflows import models, rules
+
+logger = logging.getLogger(__name__)
+
+# Well past Temporal's long-poll interval (20 s by default), so a quiet order
+# normally ends a poll with Temporal's empty answer rather than our timeout.
+DEFAULT_POLL_TIMEOUT = timedelta(seconds=70)
+
+
+@dataclass(frozen=True)
+class _End:
+    """The end of a stream: normal, or with the error to return."""
+
+    error: errors.ServiceError | None = None
+
+
+class Subscription:
+    """One stream's view of a shared watch: an async iterator of Order messages."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[pb.Order | _End] = asyncio.Queue()
+
+    def push(self, update: pb.Order | _End) -> None:
+        self._queue.put_nowait(update)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> pb.Order:
+        update = await self._queue.get()
+        if isinstance(update, _End):
+            self._queue.put_nowait(update)  # every later call ends the same way
+            if update.error is not None:
+                raise update.error
+            raise StopAsyncIteration
+        return update
+
+
+class _SharedWatch:
+    """The one task following one order, and the streams it feeds."""
+
+    def __init__(
+        self,
+        order_id: str,
+        client: Client,
+        *,
+        query_timeout: timedelta,
+        poll_timeout: timedelta,
+        on_end: Callable[[_SharedWatch], None],
+    ) -> None:
+        self.order_id = order_id
+        self._client = client
+        self._query_timeout = query_timeout
+        self._poll_timeout = poll_timeout
+        self._on_end = on_end
+        self._subscriptions: list[Subscription] = []
+        self._latest: pb.Order | None = None
+        self._end: _End | None = None
+        self.task = asyncio.create_task(self._run(), name=f"watch-order-{order_id}")
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription()
+        if self._latest is not None:
+            subscription.push(self._latest)
+        if self._end is not None:
+            subscription.push(self._end)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.remove(subscription)
+
+    def stop(self, end: _End) -> None:
+        """Ends every stream with `end` and cancels the task."""
+        self._finish(end)
+        self.task.cancel()
+
+    # --- The task ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        logger.debug("Watching order %s", self.order_id)
+        try:
+            await self._follow()
+        except asyncio.CancelledError:
+            raise  # whoever cancelled has dealt with the streams
+        except Exception as exc:
+            self._finish(_End(errors.translate(exc, order_id=self.order_id)))
+        else:
+            self._finish(_End())
+
+    async def _follow(self) -> None:
+        token = b""
+        while True:
+            response = await self._poll(token)
+            if response is None:
+                continue  # our timeout, not Temporal's answer: ask again
+            token = response.next_page_token
+            closed = not token  # no more events will ever come
+            if closed or any(
+                event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+                for event in response.history.events
+            ):
+                state = await self._query()
+                self._publish(convert.order_to_proto(state))
+                if closed or rules.is_settled(state):
+                    return
+
+    async def _poll(self, token: bytes) -> GetWorkflowExecutionHistoryResponse | None:
+        """The next events (from the start when token is empty); None if our timeout hit first."""
+        request = GetWorkflowExecutionHistoryRequest(
+            namespace=self._client.namespace,
+            execution=WorkflowExecution(workflow_id=models.workflow_id_for(self.order_id)),
+            next_page_token=token,
+            wait_new_event=True,
+        )
+        seconds = self._poll_timeout.total_seconds() + TIMEOUT_SLACK_SECONDS
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._client.workflow_service.get_workflow_execution_history(
+                    request, retry=True, timeout=self._poll_timeout
+                )
+        except TimeoutError:
+            return None
+        except RPCError as err:
+            if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+                return None
+            raise
+
+    async def _query(self) -> models.OrderState:
+        handle = self._client.get_workflow_handle(models.workflow_id_for(self.order_id))
+        seconds = self._query_timeout.total_seconds() + TIMEOUT_SLACK_SECONDS
+        async with asyncio.timeout(seconds):
+            state: models.OrderState = await handle.query(
+                models.GET_FULL_STATE_QUERY,
+                result_type=models.OrderState,
+                rpc_timeout=self._query_timeout,
+            )
+        return state
+
+    def _publish(self, order: pb.Order) -> None:
+        if order == self._latest:
+            return  # a workflow task that changed nothing the order shows
+        self._latest = order
+        for subscription in self._subscriptions:
+            subscription.push(order)
+
+    def _finish(self, end: _End) -> None:
+        if self._end is not None:
+            return
+        logger.debug("Watch of order %s ended: %s", self.order_id, end.error or "final state")
+        self._end = end
+        for subscription in self._subscriptions:
+            subscription.push(end)
+        self._on_end(self)
+
+
+class OrderWatchers:
+    """The registry of shared watches, one per watched order."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        query_timeout: timedelta,
+        poll_timeout: timedelta = DEFAULT_POLL_TIMEOUT,
+    ) -> None:
+        self._client = client
+        self._query_timeout = query_timeout
+        self._poll_timeout = poll_timeout
+        self._watches: dict[str, _SharedWatch] = {}
+        # Tasks still running, including cancelled ones that have not finished yet.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    def __len__(self) -> int:
+        """How many orders are being watched."""
+        return len(self._watches)
+
+    @property
+    def running_tasks(self) -> int:
+        return len(self._tasks)
+
+    def subscribers(self, order_id: str) -> int:
+        """How many streams watch the order (0 if none)."""
+        watch = self._watches.get(order_id)
+        return watch.subscribers if watch else 0
+
+    @contextlib.asynccontextmanager
+    async def watch(self, order_id: str) -> AsyncIterator[Subscription]:
+        """The order's updates, for as long as the `async with` block runs.
+
+        Leaving the block (normally, by error or by cancellation) unsubscribes;
+        the last stream to leave cancels and forgets the shared watch.
+        """
+        if self._stopped:
+            raise errors.ServerShuttingDown()
+        watch = self._watches.get(order_id)
+        if watch is None:
+            watch = _SharedWatch(
+                order_id,
+                self._client,
+                query_timeout=self._query_timeout,
+                poll_timeout=self._poll_timeout,
+                on_end=self._forget,
+            )
+            self._watches[order_id] = watch
+            self._tasks.add(watch.task)
+            watch.task.add_done_callback(self._tasks.discard)
+        subscription = watch.subscribe()
+        try:
+            yield subscription
+        finally:
+            watch.unsubscribe(subscription)
+            if not watch.subscribers and not watch.task.done():
+                watch.task.cancel()
+                self._forget(watch)
+
+    async def stop(self) -> None:
+        """Ends every stream with UNAVAILABLE, cancels every watch, waits for them; no new ones."""
+        self._stopped = True
+        for watch in list(self._watches.values()):
+            watch.stop(_End(errors.ServerShuttingDown()))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _forget(self, watch: _SharedWatch) -> None:
+        if self._watches.get(watch.order_id) is watch:
+            del self._watches[watch.order_id]

@@ -1,0 +1,11 @@
+"""Test tooling shared by the suite, the fault tests and the benchmark.
+
+- env: the repository, the venv's binaries, free ports, commands, settings read cleanly;
+- polling: `eventually`, waiting for a condition;
+- stats: `percentile`;
+- orders: request builders, an order's activity attempts;
+- stack: a worker and a gRPC server on a task queue of their own, and a stub;
+- cluster: the same as real processes, killed for real; the providers' ledger audited;
+- load: many orders driven at once, every one audited;
+- docs: `make docs`.
+"""

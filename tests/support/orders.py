@@ -1,0 +1,79 @@
+"""Orders for the tests: the requests that place, pay and cancel one, and its history read."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from google.type.money_pb2 import Money
+from temporalio.client import WorkflowHistory
+
+from acme.orders.v1 import order_service_pb2 as pb
+
+
+def money(units: int, nanos: int = 0, currency: str = "USD") -> Money:
+    return Money(currency_code=currency, units=units, nanos=nanos)
+
+
+# The seed's example order: one laptop at 999.99.
+LAPTOP_PRICE = money(999, 990_000_000)
+
+
+def create_request(**overrides: object) -> pb.CreateOrderRequest:
+    """The seed's example order, with any field replaced."""
+    request = pb.CreateOrderRequest(
+        customer_id="CUST-001",
+        items=[
+            pb.OrderItem(
+                product_id="PROD-123",
+                product_name="Laptop",
+                quantity=1,
+                price=LAPTOP_PRICE,
+            )
+        ],
+        shipping_address="123 Main St",
+        shipping_city="San Francisco",
+        shipping_postal_code="94102",
+        shipping_country="USA",
+        customer_email="cust-001@example.com",
+    )
+    for name, value in overrides.items():
+        if isinstance(value, list):
+            del getattr(request, name)[:]
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def payment_request(
+    order_id: str,
+    transaction_id: str = "TXN-1",
+    *,
+    amount: Money = LAPTOP_PRICE,
+    payment_method: str = "credit_card",
+) -> pb.ConfirmPaymentRequest:
+    """A payment of the seed's order total (one laptop), by credit card unless told otherwise."""
+    return pb.ConfirmPaymentRequest(
+        order_id=order_id,
+        transaction_id=transaction_id,
+        amount=amount,
+        payment_method=payment_method,
+    )
+
+
+def activity_attempts(history: WorkflowHistory) -> dict[str, list[int]]:
+    """Activity name → the attempt each of its executions finished on, in history order.
+
+    Temporal writes an activity's ActivityTaskStarted event once it closes,
+    with the attempt that closed it, so a retried activity shows attempt > 1.
+    """
+    names: dict[int, str] = {}
+    attempts: dict[str, list[int]] = defaultdict(list)
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            scheduled = event.activity_task_scheduled_event_attributes
+            names[event.event_id] = scheduled.activity_type.name
+        elif event.HasField("activity_task_started_event_attributes"):
+            started = event.activity_task_started_event_attributes
+            attempts[names[started.scheduled_event_id]].append(started.attempt)
+    return dict(attempts)

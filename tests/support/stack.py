@@ -1,0 +1,100 @@
+"""A stack: a worker and a gRPC server on a task queue of their own, and a stub to call them.
+
+`open_stack` runs both in this process, on a Temporal the caller connected to
+(the suite's fixtures, the load test); `Cluster.stack()` (tests/support/cluster.py)
+gives the same view of a worker and a server running as processes of their
+own (the benchmark).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from temporalio.client import Client
+
+from acme.orders.v1 import order_service_pb2 as pb
+from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
+from activities.order_activities import OrderActivities
+from activities.providers import ProviderSettings
+from server.platform.app import OrderServer, start_server
+from server.platform.settings import ServerSettings
+from tests.support.polling import eventually
+from worker.app import build_worker
+
+
+def async_stub(channel: grpc.aio.Channel) -> pb_grpc.OrderServiceAsyncStub:
+    """The generated stub on an aio channel (its .pyi types it as the async stub)."""
+    return pb_grpc.OrderServiceStub(channel)
+
+
+@dataclass
+class Stack:
+    """A worker and a gRPC server on their own task queue, a Temporal client and a stub."""
+
+    client: Client
+    task_queue: str
+    target: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.OrderServiceAsyncStub
+    outbox: Path
+    # The worker's activities and the gRPC server, when they run in this process.
+    local: tuple[OrderActivities, OrderServer] | None = None
+
+    @property
+    def activities(self) -> OrderActivities:
+        """The simulated providers' records (inventory, payments, shipping, mail)."""
+        assert self.local is not None, "the worker is a process of its own"
+        return self.local[0]
+
+    @property
+    def server(self) -> OrderServer:
+        assert self.local is not None, "the server is a process of its own"
+        return self.local[1]
+
+
+@asynccontextmanager
+async def open_stack(
+    client: Client,
+    outbox: Path,
+    *,
+    simulation: ProviderSettings | None = None,
+    payment_timeout_seconds: int = 24 * 60 * 60,
+) -> AsyncIterator[Stack]:
+    """Starts a worker and a gRPC server in this process on a fresh task queue; stops both after."""
+    task_queue = f"orders-test-{uuid.uuid4().hex[:8]}"
+    activities = OrderActivities(simulation or ProviderSettings.instant(outbox))
+    config = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        temporal_address=client.service_client.config.target_host,
+        temporal_namespace=client.namespace,
+        task_queue=task_queue,
+        payment_timeout=timedelta(seconds=payment_timeout_seconds),
+    )
+    async with build_worker(client, task_queue, activities):
+        server = await start_server(config, client=client)
+        target = f"127.0.0.1:{server.port}"
+        channel = grpc.aio.insecure_channel(target)
+        stub = async_stub(channel)
+        try:
+            yield Stack(client, task_queue, target, channel, stub, outbox, (activities, server))
+        finally:
+            await channel.close(grace=None)
+            await server.stop(grace=1.0)
+
+
+async def order_reaching(
+    stack: Stack, order_id: str, status: int, within: float = 30.0
+) -> pb.Order:
+    """Polls GetOrder until the order has the given status."""
+    return await eventually(
+        lambda: stack.stub.GetOrder(pb.GetOrderRequest(order_id=order_id)),
+        lambda order: order.status == status,
+        within=within,
+    )
