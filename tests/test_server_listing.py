@@ -11,6 +11,7 @@ import random
 import sqlite3
 import string
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
@@ -27,6 +28,7 @@ from server.temporal.listing import (
     ListRequest,
     OrderLister,
     PageToken,
+    Run,
     TemporalVisibility,
 )
 from workflows import models
@@ -225,6 +227,14 @@ def test_visibility_query() -> None:
     assert listing.visibility_query(ListFilter()) == "WorkflowType = 'OrderWorkflow'"
 
 
+def test_other_runs_query() -> None:
+    runs = [Run("order-B", "r1", NOW), Run("order-A'", "r2", NOW), Run("order-B", "r3", NOW)]
+    assert listing.other_runs_query(runs) == (
+        "WorkflowType = 'OrderWorkflow' AND WorkflowId IN ('order-A''', 'order-B') "
+        "AND RunId NOT IN ('r1', 'r2', 'r3')"
+    )
+
+
 # How the dev server compares a datetime search attribute (Temporal's SQLite schema and
 # query converter): a generated column, text, against the query value in Go's
 # "2006-01-02 15:04:05.999999-07:00" layout (trailing zeros dropped).
@@ -288,12 +298,17 @@ def test_time_bounds_at_the_ends_of_time() -> None:
 
 
 class FakeSource:
-    """Visibility in memory: answers with supersets, as the real store may, and counts calls."""
+    """Visibility in memory: answers with supersets, as the real store may, and counts calls.
+
+    Like the real store it holds a row per run: an order reset or continued as new
+    has several, each with its own search attributes.
+    """
 
     def __init__(self, orders: list[ListedOrder]) -> None:
         self.orders = orders
         self.reads = 0
         self.counts = 0
+        self.lookups = 0
         self.rows_read = 0
 
     def _candidates(self, list_filter: ListFilter) -> Iterator[ListedOrder]:
@@ -337,6 +352,16 @@ class FakeSource:
             for order in self._candidates(list_filter)
         )
 
+    async def other_runs(self, runs: list[Run], rpc_timeout: timedelta) -> list[Run]:
+        self.lookups += 1
+        workflow_ids = {run.workflow_id for run in runs}
+        run_ids = {run.run_id for run in runs}
+        return [
+            order.run
+            for order in self.orders
+            if order.workflow_id in workflow_ids and order.run_id not in run_ids
+        ]
+
 
 def order(
     index: int, created_at: datetime, customer: str = "C", status: models.OrderStatus = P
@@ -348,7 +373,34 @@ def order(
         status=status,
         total_amount=Money("USD", 1),
         created_at=created_at,
+        run_id=f"run-{index:05d}-0",
+        started_at=created_at - timedelta(milliseconds=5),
     )
+
+
+def new_run(
+    old: ListedOrder, created_at: datetime, status: models.OrderStatus, after: timedelta
+) -> ListedOrder:
+    """A run a reset (or continue-as-new) started `after` the old one: its own row, its own
+    status, and its own creation time when the reset went back to the first workflow task."""
+    prefix, number = old.run_id.rsplit("-", 1)
+    return replace(
+        old,
+        status=status,
+        created_at=created_at,
+        run_id=f"{prefix}-{int(number) + 1}",
+        started_at=old.started_at + after,
+    )
+
+
+def current_runs(orders: list[ListedOrder]) -> list[ListedOrder]:
+    """The run of each workflow id that started last: the order as it is now."""
+    latest: dict[str, ListedOrder] = {}
+    for row in orders:
+        best = latest.get(row.workflow_id)
+        if best is None or (row.started_at, row.run_id) > (best.started_at, best.run_id):
+            latest[row.workflow_id] = row
+    return list(latest.values())
 
 
 async def page_through(
@@ -370,7 +422,7 @@ async def page_through(
 
 
 def expected(orders: list[ListedOrder], list_filter: ListFilter) -> list[str]:
-    kept = [o for o in orders if list_filter.matches(o)]
+    kept = [o for o in current_runs(orders) if list_filter.matches(o)]
     return [o.workflow_id for o in sorted(kept, key=lambda o: o.key, reverse=True)]
 
 
@@ -397,6 +449,19 @@ def datasets() -> Iterator[tuple[str, list[ListedOrder]]]:
         for i in range(200)
     ]
     yield "customers and statuses", mixed
+    # A third of them reset, some twice, to another status and (back to the first
+    # workflow task) another creation time: often another window, even years away.
+    runs = list(mixed)
+    for index in range(0, len(mixed), 3):
+        latest = mixed[index]
+        for _ in range(rng.choice([1, 1, 2])):
+            moved = timedelta(seconds=rng.randrange(-86400 * 400, 86400 * 400))
+            status = rng.choice(list(models.OrderStatus))
+            after = timedelta(seconds=rng.randrange(1, 86400))
+            latest = new_run(latest, latest.created_at + moved, status, after)
+            runs.append(latest)
+    rng.shuffle(runs)
+    yield "reset orders", runs
 
 
 FILTERS = [
@@ -420,6 +485,29 @@ async def test_paging_returns_every_order_once_newest_first(page_size: int) -> N
             assert len(pages[-1]) <= page_size
 
 
+async def test_a_reset_order_is_listed_once_with_its_current_runs_status() -> None:
+    delivered = order(1, NOW - timedelta(hours=2), status=models.OrderStatus.DELIVERED)
+    # Reset to its first workflow task: pending again, with a new creation time.
+    pending = new_run(delivered, NOW - timedelta(minutes=1), P, timedelta(hours=1))
+    terminated = order(2, NOW - timedelta(hours=3), status=models.OrderStatus.SHIPPED)
+    source = FakeSource([delivered, pending, terminated])
+    for list_filter, workflow_ids in [
+        (ListFilter(), ["order-ORD-00001", "order-ORD-00002"]),
+        (ListFilter(status=P), ["order-ORD-00001"]),
+        (ListFilter(status=models.OrderStatus.DELIVERED), []),
+        (ListFilter(created_before=NOW - timedelta(hours=1)), ["order-ORD-00002"]),
+        # An order terminated by an operator (one run) is still an order.
+        (ListFilter(status=models.OrderStatus.SHIPPED), ["order-ORD-00002"]),
+    ]:
+        for page_size in (1, 10):
+            pages = await page_through(source, list_filter, page_size)
+            listed = [o.workflow_id for page in pages for o in page]
+            assert listed == workflow_ids, list_filter
+    lister = OrderLister(cast(TemporalVisibility, source), now=lambda: NOW)
+    page = await lister.list_page(ListRequest(ListFilter(), 10), rpc_timeout=timedelta(seconds=1))
+    assert page.orders == [pending, terminated]
+
+
 async def test_a_page_reads_about_its_own_size_when_orders_are_spread() -> None:
     rng = random.Random(3)
     orders = [order(i, NOW - timedelta(seconds=rng.randrange(0, 90 * 86400))) for i in range(5000)]
@@ -429,6 +517,8 @@ async def test_a_page_reads_about_its_own_size_when_orders_are_spread() -> None:
     # Windows adapt to the density: a few calls and a few pages' worth of rows per page.
     assert source.reads + source.counts < 100 * 6
     assert source.rows_read < 5000 * 4
+    # At most one look-up of other runs per window read.
+    assert source.lookups <= source.reads
 
 
 async def test_a_dense_burst_is_read_in_narrower_windows() -> None:

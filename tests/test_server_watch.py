@@ -8,15 +8,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
 import pytest
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.history.v1 import History, HistoryEvent
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType, WorkflowExecutionStatus
+from temporalio.api.history.v1 import (
+    History,
+    HistoryEvent,
+    WorkflowExecutionContinuedAsNewEventAttributes,
+)
+from temporalio.api.workflow.v1 import WorkflowExecutionInfo
 from temporalio.api.workflowservice.v1 import (
+    DescribeWorkflowExecutionRequest,
+    DescribeWorkflowExecutionResponse,
     GetWorkflowExecutionHistoryRequest,
     GetWorkflowExecutionHistoryResponse,
 )
@@ -53,24 +62,49 @@ def new_state(order_id: str) -> models.OrderState:
     )
 
 
+_run_ids = (f"run-{n}" for n in itertools.count(1))
+
+
 class FakeRun:
     def __init__(self, state: models.OrderState) -> None:
+        self.run_id = next(_run_ids)
         self.state = state
         self.events = [E.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, *TASK]
         self.closed = False
+        # The run its continue-as-new event names.
+        self.continued_as = ""
         self.changed = asyncio.Condition()
+
+    def event(self, kind: EventType.ValueType) -> HistoryEvent:
+        if kind == E.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+            attributes = WorkflowExecutionContinuedAsNewEventAttributes(
+                new_execution_run_id=self.continued_as
+            )
+            return HistoryEvent(
+                event_type=kind, workflow_execution_continued_as_new_event_attributes=attributes
+            )
+        return HistoryEvent(event_type=kind)
+
+    async def close(self, kind: EventType.ValueType) -> None:
+        self.events.append(kind)
+        self.closed = True
+        async with self.changed:
+            self.changed.notify_all()
 
 
 class FakeTemporal:
-    """History long-polls and queries, as the watch uses them; counts both."""
+    """History long-polls, describes and queries, as the watch uses them; counts them."""
 
     namespace = "default"
     # How long a long-poll waits for news before Temporal answers with none.
     long_poll = 0.05
 
     def __init__(self) -> None:
+        # Workflow id -> its current run, and every run by run id.
         self.runs: dict[str, FakeRun] = {}
+        self.by_run_id: dict[str, FakeRun] = {}
         self.polls = 0
+        self.describes = 0
         self.queries = 0
         self.query_failure: BaseException | None = None
 
@@ -79,9 +113,33 @@ class FakeTemporal:
         return self
 
     def start(self, order_id: str) -> FakeRun:
-        run = FakeRun(new_state(order_id))
+        return self._new_run(order_id, new_state(order_id))
+
+    def _new_run(self, order_id: str, state: models.OrderState) -> FakeRun:
+        run = FakeRun(state)
         self.runs[models.workflow_id_for(order_id)] = run
+        self.by_run_id[run.run_id] = run
         return run
+
+    async def reset(
+        self, order_id: str, change: Callable[[models.OrderState], None] = lambda _: None
+    ) -> FakeRun:
+        """What `temporal workflow reset` does: a new current run, from a copy of the old
+        one's history; the old run, if still running, ends terminated (naming no run)."""
+        old = self.runs[models.workflow_id_for(order_id)]
+        new = self._new_run(order_id, copy.deepcopy(old.state))
+        change(new.state)
+        if not old.closed:
+            await old.close(E.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED)
+        return new
+
+    async def continue_as_new(self, order_id: str) -> FakeRun:
+        old = self.runs[models.workflow_id_for(order_id)]
+        new = self._new_run(order_id, copy.deepcopy(old.state))
+        new.events = [E.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED]  # its first task is to come
+        old.continued_as = new.run_id
+        await old.close(E.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW)
+        return new
 
     async def step(
         self, order_id: str, change: Callable[[models.OrderState], None], *, close: bool = False
@@ -91,8 +149,8 @@ class FakeTemporal:
         change(run.state)
         run.events += TASK
         if close:
-            run.events.append(E.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED)
-            run.closed = True
+            await run.close(E.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED)
+            return
         async with run.changed:
             run.changed.notify_all()
 
@@ -100,7 +158,10 @@ class FakeTemporal:
         self, request: GetWorkflowExecutionHistoryRequest, **kwargs: object
     ) -> GetWorkflowExecutionHistoryResponse:
         self.polls += 1
-        run = self.runs.get(request.execution.workflow_id)
+        if request.execution.run_id:
+            run = self.by_run_id.get(request.execution.run_id)
+        else:
+            run = self.runs.get(request.execution.workflow_id)
         if run is None:
             raise RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b"")
         position = int(request.next_page_token or b"0")
@@ -108,11 +169,31 @@ class FakeTemporal:
             async with run.changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(run.changed.wait(), self.long_poll)
-        events = [HistoryEvent(event_type=kind) for kind in run.events[position:]]
+        events = [run.event(kind) for kind in run.events[position:]]
         token = b"" if run.closed else str(len(run.events)).encode()
         return GetWorkflowExecutionHistoryResponse(
             history=History(events=events), next_page_token=token
         )
+
+    async def describe_workflow_execution(
+        self, request: DescribeWorkflowExecutionRequest, **kwargs: object
+    ) -> DescribeWorkflowExecutionResponse:
+        """The current run of the workflow id (the only way to find a reset's new run)."""
+        self.describes += 1
+        assert not request.execution.run_id
+        run = self.runs.get(request.execution.workflow_id)
+        if run is None:
+            raise RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b"")
+        status = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+        if run.closed:
+            status = WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED
+        info = WorkflowExecutionInfo(
+            execution=WorkflowExecution(
+                workflow_id=request.execution.workflow_id, run_id=run.run_id
+            ),
+            status=status,
+        )
+        return DescribeWorkflowExecutionResponse(workflow_execution_info=info)
 
     def get_workflow_handle(self, workflow_id: str) -> FakeHandle:
         return FakeHandle(self, workflow_id)
@@ -246,7 +327,8 @@ async def test_a_closed_order_sends_one_state() -> None:
     watchers = registry(temporal)
     async with watchers.watch("ORD-1") as stream:
         assert await drain(stream) == [S.ORDER_STATUS_DELIVERED]
-    assert (temporal.polls, temporal.queries) == (1, 1)
+    # A closed run costs one describe: is it the order's last one?
+    assert (temporal.polls, temporal.describes, temporal.queries) == (1, 1, 1)
 
 
 async def test_a_workflow_closed_in_any_state_ends_the_streams() -> None:
@@ -259,6 +341,81 @@ async def test_a_workflow_closed_in_any_state_ends_the_streams() -> None:
         # Terminated by an operator while preparing: the last state, then the end.
         await temporal.step("ORD-1", set_status(models.OrderStatus.PREPARING), close=True)
         assert await reader == [S.ORDER_STATUS_PENDING, S.ORDER_STATUS_PREPARING]
+    assert temporal.describes == 1
+
+
+# --- New runs: reset and continue-as-new ---------------------------------------------------
+
+
+async def test_a_reset_goes_on_with_the_new_run() -> None:
+    temporal = FakeTemporal()
+    temporal.start("ORD-1")
+    watchers = registry(temporal)
+    async with watchers.watch("ORD-1") as stream:
+        assert (await anext(stream)).status == S.ORDER_STATUS_PENDING
+        await temporal.step("ORD-1", set_status(models.OrderStatus.PREPARING))
+        assert (await anext(stream)).status == S.ORDER_STATUS_PREPARING
+        # Reset to before the payment: the new run is pending again, and watched.
+        await temporal.reset("ORD-1", set_status(models.OrderStatus.PENDING))
+        assert (await anext(stream)).status == S.ORDER_STATUS_PENDING
+        await temporal.step("ORD-1", set_status(models.OrderStatus.SHIPPED))
+        assert (await anext(stream)).status == S.ORDER_STATUS_SHIPPED
+        await temporal.step("ORD-1", set_status(models.OrderStatus.DELIVERED))
+        assert await drain(stream) == [S.ORDER_STATUS_DELIVERED]
+    # One describe when the old run closed; the new run's own polls after it.
+    assert temporal.describes == 1
+    await settled()
+    assert len(watchers) == watchers.running_tasks == 0
+
+
+async def test_a_reset_that_changes_nothing_sends_nothing_and_keeps_watching() -> None:
+    temporal = FakeTemporal()
+    temporal.start("ORD-1")
+    watchers = registry(temporal)
+    async with watchers.watch("ORD-1") as stream:
+        assert (await anext(stream)).status == S.ORDER_STATUS_PENDING
+        await temporal.reset("ORD-1")
+        await temporal.reset("ORD-1")  # twice: each new run closes the one before
+        await temporal.step("ORD-1", set_status(models.OrderStatus.PREPARING))
+        assert (await anext(stream)).status == S.ORDER_STATUS_PREPARING
+    # One describe per closed run the watch followed: it may skip the middle one.
+    assert temporal.describes in (1, 2)
+
+
+async def test_continue_as_new_is_followed_without_a_describe() -> None:
+    temporal = FakeTemporal()
+    temporal.start("ORD-1")
+    watchers = registry(temporal)
+    async with watchers.watch("ORD-1") as stream:
+        assert (await anext(stream)).status == S.ORDER_STATUS_PENDING
+        new = await temporal.continue_as_new("ORD-1")
+        await settled()
+        # The new run has no completed workflow task yet: no state to ask it for.
+        queries = temporal.queries
+        await asyncio.sleep(3 * temporal.long_poll)
+        assert temporal.queries == queries
+        await temporal.step("ORD-1", set_status(models.OrderStatus.PREPARING), close=True)
+        assert await drain(stream) == [S.ORDER_STATUS_PREPARING]
+    assert new.closed
+    # The continue-as-new event named the new run; the describe is for its own close.
+    assert temporal.describes == 1
+
+
+async def test_a_reset_run_that_closed_already_ends_the_streams() -> None:
+    temporal = FakeTemporal()
+    temporal.start("ORD-1")
+    watchers = registry(temporal)
+    async with watchers.watch("ORD-1") as stream:
+        assert (await anext(stream)).status == S.ORDER_STATUS_PENDING
+        # The new run is current and closed by the time the watch asks: its state, the end.
+        old = temporal.runs[models.workflow_id_for("ORD-1")]
+        new = FakeRun(copy.deepcopy(old.state))
+        new.state.status = models.OrderStatus.CANCELLED
+        new.closed = True
+        temporal.runs[models.workflow_id_for("ORD-1")] = temporal.by_run_id[new.run_id] = new
+        await old.close(E.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED)
+        assert await drain(stream) == [S.ORDER_STATUS_CANCELLED]
+    assert (temporal.describes, temporal.queries) == (1, 2)
 
 
 async def test_an_unknown_order_is_not_found() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ from server.temporal.watching import OrderWatchers
 from tests.support.env import free_port
 from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
-from tests.support.stack import Stack, open_stack
+from tests.support.stack import Stack, next_message, open_stack, rest_of, watch
 
 S = pb.OrderStatus
-WatchCall = grpc.aio.UnaryStreamCall[pb.WatchOrderRequest, pb.Order]
 # The order an order's statuses go in.
 LIFE = [
     S.ORDER_STATUS_PENDING,
@@ -32,28 +30,6 @@ LIFE = [
     S.ORDER_STATUS_SHIPPED,
     S.ORDER_STATUS_DELIVERED,
 ]
-
-
-def watch(stack: Stack, order_id: str, timeout: float | None = None) -> WatchCall:
-    call: WatchCall = stack.stub.WatchOrder(
-        pb.WatchOrderRequest(order_id=order_id), timeout=timeout
-    )
-    return call
-
-
-async def next_message(call: WatchCall) -> pb.Order:
-    message = await call.read()
-    assert isinstance(message, pb.Order), "the stream ended"
-    return message
-
-
-async def rest_of(call: WatchCall) -> list[pb.Order]:
-    """Every message until the stream ends (it must end within a minute)."""
-    messages = []
-    async with asyncio.timeout(60):
-        while isinstance(message := await call.read(), pb.Order):
-            messages.append(message)
-    return messages
 
 
 def assert_in_order(messages: list[pb.Order]) -> None:

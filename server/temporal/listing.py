@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from temporalio.client import Client, WorkflowExecution
 
@@ -160,9 +161,18 @@ class ListRequest:
 # --- What visibility gives back -------------------------------------------------------
 
 
+class Run(NamedTuple):
+    """One run of an order's workflow. Visibility keeps a row per run; the order is the
+    run started last (a reset or continue-as-new starts a new one)."""
+
+    workflow_id: str
+    run_id: str
+    started_at: datetime
+
+
 @dataclass(frozen=True)
 class ListedOrder:
-    """One order as visibility knows it."""
+    """One order as visibility knows it: one run's row."""
 
     workflow_id: str
     order_id: str
@@ -170,10 +180,16 @@ class ListedOrder:
     status: models.OrderStatus
     total_amount: Money
     created_at: datetime
+    run_id: str = ""
+    started_at: datetime = _MIN_TIME
 
     @property
     def key(self) -> Key:
         return (self.created_at, self.workflow_id)
+
+    @property
+    def run(self) -> Run:
+        return Run(self.workflow_id, self.run_id, self.started_at)
 
     def to_proto(self) -> pb.OrderSummary:
         return pb.OrderSummary(
@@ -215,16 +231,20 @@ async def listed_order(execution: WorkflowExecution) -> ListedOrder | None:
     except Exception as err:  # absent or undecodable: one odd row must not fail the page
         logger.debug("Skipping workflow %s: no order total in its memo (%s)", execution.id, err)
         return None
-    if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=UTC)
     return ListedOrder(
         workflow_id=execution.id,
         order_id=execution.id.removeprefix(WORKFLOW_ID_PREFIX),
         customer_id=customer_id,
         status=status,
         total_amount=total,
-        created_at=created_at.astimezone(UTC),
+        created_at=_aware(created_at),
+        run_id=execution.run_id,
+        started_at=_aware(execution.start_time),
     )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _status(text: str | None) -> models.OrderStatus | None:
@@ -309,6 +329,16 @@ def visibility_query(
     return " AND ".join(conditions)
 
 
+def other_runs_query(runs: Sequence[Run]) -> str:
+    """The visibility query for every run of these runs' workflows but these runs."""
+    workflow_ids = ", ".join(quote(w) for w in sorted({run.workflow_id for run in runs}))
+    run_ids = ", ".join(quote(run.run_id) for run in runs)
+    return (
+        f"WorkflowType = {quote(models.WORKFLOW_NAME)}"
+        f" AND WorkflowId IN ({workflow_ids}) AND RunId NOT IN ({run_ids})"
+    )
+
+
 # --- Reading visibility ---------------------------------------------------------------------
 
 
@@ -354,6 +384,18 @@ class TemporalVisibility:
         counted = await self._client.count_workflows(query, rpc_timeout=rpc_timeout)
         return counted.count > 0
 
+    async def other_runs(self, runs: Sequence[Run], rpc_timeout: timedelta) -> list[Run]:
+        """Every other run of these runs' workflows, whatever its search attributes."""
+        found = []
+        # Bounded queries: about 70 characters a run.
+        for start in range(0, len(runs), VISIBILITY_PAGE_SIZE):
+            query = other_runs_query(runs[start : start + VISIBILITY_PAGE_SIZE])
+            async for execution in self._client.list_workflows(
+                query, page_size=VISIBILITY_PAGE_SIZE, rpc_timeout=rpc_timeout
+            ):
+                found.append(Run(execution.id, execution.run_id, _aware(execution.start_time)))
+        return found
+
 
 # --- Paging ------------------------------------------------------------------------------------
 
@@ -394,20 +436,37 @@ class OrderLister:
                 # Denser than guessed: the newest part of the window only.
                 window = max(window / WINDOW_FACTOR, MIN_WINDOW)
                 continue
-            for order in orders:
-                # Each order belongs to exactly one window; the source may return more.
-                if (
-                    order.created_at >= lower
-                    and (ceiling is None or order.key < ceiling)
-                    and list_filter.matches(order)
-                ):
-                    found[order.workflow_id] = order
+            # Each order belongs to exactly one window; the source may return more.
+            candidates = [
+                order
+                for order in orders
+                if order.created_at >= lower
+                and (ceiling is None or order.key < ceiling)
+                and list_filter.matches(order)
+            ]
+            for order in await self._current(candidates, rpc_timeout):
+                found[order.workflow_id] = order
             if len(found) > request.page_size or lower <= floor:
                 break
             if not await self._source.any_before(list_filter, lower, rpc_timeout):
                 break
             ceiling, top, window = (lower, ""), lower, window * WINDOW_FACTOR
         return self._page(list_filter, sorted(found.values(), key=_key, reverse=True), request)
+
+    async def _current(
+        self, candidates: list[ListedOrder], rpc_timeout: timedelta
+    ) -> list[ListedOrder]:
+        """The candidates that are their workflow's current run: none of its runs, in this
+        window or anywhere else, started later. Filters then apply to the current run only."""
+        if not candidates:
+            return []
+        runs = [order.run for order in candidates]
+        latest: dict[str, Run] = {}
+        for run in runs + await self._source.other_runs(runs, rpc_timeout):
+            best = latest.get(run.workflow_id)
+            if best is None or (run.started_at, run.run_id) > (best.started_at, best.run_id):
+                latest[run.workflow_id] = run
+        return [order for order in candidates if latest[order.workflow_id] == order.run]
 
     @staticmethod
     def _page(

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, WorkflowExecutionStatus
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import (
+    DescribeWorkflowExecutionRequest,
     GetWorkflowExecutionHistoryRequest,
     GetWorkflowExecutionHistoryResponse,
 )
@@ -116,13 +118,22 @@ class _SharedWatch:
             self._finish(_End())
 
     async def _follow(self) -> None:
+        run_id = ""  # "": whichever run is current when the first read arrives
         token = b""
         while True:
-            response = await self._poll(token)
+            response = await self._poll(run_id, token)
             if response is None:
                 continue  # our timeout, not Temporal's answer: ask again
             token = response.next_page_token
-            closed = not token  # no more events will ever come
+            closed = not token  # no more events will ever come in this run
+            if closed:
+                events = response.history.events
+                next_run = await self._next_run(events[-1] if events else None, run_id)
+                if next_run:
+                    # A reset or continue-as-new: the order goes on in another run.
+                    logger.debug("Order %s goes on in run %s", self.order_id, next_run)
+                    run_id, token = next_run, b""
+                    continue
             if closed or any(
                 event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
                 for event in response.history.events
@@ -132,11 +143,14 @@ class _SharedWatch:
                 if closed or rules.is_settled(state):
                     return
 
-    async def _poll(self, token: bytes) -> GetWorkflowExecutionHistoryResponse | None:
-        """The next events (from the start when token is empty); None if our timeout hit first."""
+    async def _poll(self, run_id: str, token: bytes) -> GetWorkflowExecutionHistoryResponse | None:
+        """The run's next events (from its start when token is empty); None if our timeout
+        hit first. A page token stays on the run it came from, whatever became current."""
         request = GetWorkflowExecutionHistoryRequest(
             namespace=self._client.namespace,
-            execution=WorkflowExecution(workflow_id=models.workflow_id_for(self.order_id)),
+            execution=WorkflowExecution(
+                workflow_id=models.workflow_id_for(self.order_id), run_id=run_id
+            ),
             next_page_token=token,
             wait_new_event=True,
         )
@@ -152,6 +166,34 @@ class _SharedWatch:
             if err.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
                 return None
             raise
+
+    async def _next_run(self, closing: HistoryEvent | None, closed_run_id: str) -> str:
+        """The run the order goes on in after the followed one closed; "" if none.
+
+        Continue-as-new (and a retry or cron run) names it in the closing event;
+        a reset does not (the old run just ends terminated, or stays completed),
+        so then one describe of the workflow id asks which run is current.
+        """
+        named = _named_next_run(closing)
+        if named:
+            return named
+        request = DescribeWorkflowExecutionRequest(
+            namespace=self._client.namespace,
+            execution=WorkflowExecution(workflow_id=models.workflow_id_for(self.order_id)),
+        )
+        seconds = self._query_timeout.total_seconds() + TIMEOUT_SLACK_SECONDS
+        async with asyncio.timeout(seconds):
+            described = await self._client.workflow_service.describe_workflow_execution(
+                request, retry=True, timeout=self._query_timeout
+            )
+        current = described.workflow_execution_info
+        # The followed run has closed, so a running current run is another one.
+        if (
+            current.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+            and current.execution.run_id != closed_run_id
+        ):
+            return current.execution.run_id
+        return ""  # closed for good: its last state is the order's final one
 
     async def _query(self) -> models.OrderState:
         handle = self._client.get_workflow_handle(models.workflow_id_for(self.order_id))
@@ -179,6 +221,21 @@ class _SharedWatch:
         for subscription in self._subscriptions:
             subscription.push(end)
         self._on_end(self)
+
+
+def _named_next_run(closing: HistoryEvent | None) -> str:
+    """The run a closing event says comes next (continue-as-new, retry, cron); "" if none."""
+    if closing is None:
+        return ""
+    for attributes in (
+        closing.workflow_execution_continued_as_new_event_attributes,
+        closing.workflow_execution_completed_event_attributes,
+        closing.workflow_execution_failed_event_attributes,
+        closing.workflow_execution_timed_out_event_attributes,
+    ):
+        if attributes.new_execution_run_id:
+            return attributes.new_execution_run_id
+    return ""
 
 
 class OrderWatchers:
