@@ -24,7 +24,7 @@ SEARCH_ATTRIBUTES = $(shell $(PY) -m workflows.search_attributes)
 export PATH := $(BIN):$(PATH)
 SHELL := /bin/bash
 
-.PHONY: install run temporal worker server proto docs lint test test-faults bench clean
+.PHONY: install run temporal worker server proto docs lint test test-faults mutate bench clean
 
 install: $(STAMP)
 
@@ -94,6 +94,11 @@ test: install
 ## test-faults: the slower proofs: processes killed for real, load with invariants.
 test-faults: install
 	$(PY) -m pytest tests/faults $(ARGS)
+
+## mutate: each money or cancellation rule broken on purpose, alone, in a copy of the repo;
+## the fast tests that guard it must fail every time (tests/mutate.py; a few minutes).
+mutate: install
+	$(PY) -m tests.mutate $(ARGS)
 
 ## bench: the gRPC front against raw Temporal, plain vs tuned dev server, 10,000 parked orders
 ## (about 10 minutes; ARGS=--quick for a sanity run); writes docs/performance/.

@@ -203,6 +203,25 @@ async def test_charges_under_different_keys_get_different_ids(
     assert len(acts.payments.charges) == 2
 
 
+async def test_the_book_lists_every_capture_and_refund_of_an_order(
+    acts: OrderActivities, env: ActivityEnvironment
+) -> None:
+    """Per order, under any key, with amounts: a second capture under another key shows."""
+    half = Money("USD", 499, 995_000_000)
+    await env.run(acts.charge_payment, charge_input("ORD-1/charge/TXN-1"))
+    await env.run(acts.charge_payment, charge_input("ORD-1/charge/TXN-1"))  # a retry
+    await env.run(acts.charge_payment, charge_input("ORD-1/charge/TXN-1/again"))
+    await env.run(acts.charge_payment, charge_input("ORD-2/charge/TXN-1", order_id="ORD-2"))
+    await env.run(
+        acts.refund_payment, RefundPaymentInput("ORD-1", "TXN-1", half, "ORD-1/refund/TXN-1")
+    )
+    assert await acts.payments.captured("ORD-1") == [LAPTOP, LAPTOP]
+    assert await acts.payments.refunded("ORD-1") == [half]
+    assert await acts.payments.captured("ORD-2") == [LAPTOP]
+    assert await acts.payments.refunded("ORD-2") == []
+    assert await acts.payments.captured("ORD-3") == []
+
+
 async def test_non_positive_charge_is_not_retryable(
     acts: OrderActivities, env: ActivityEnvironment
 ) -> None:
@@ -961,6 +980,21 @@ async def test_ledger_capture_and_refund_ids_are_unique_across_workers(
         for acts, order in ((two, "ORD-1"), (one, "ORD-2"))
     ]
     assert refunds == ["RFD-TXN-1", "RFD-TXN-1-2"]
+
+
+async def test_the_book_reads_every_workers_payments_from_the_ledger(
+    tmp_path: Path, ledger_path: Path, env: ActivityEnvironment
+) -> None:
+    first = with_ledger(tmp_path / "a", ledger_path)
+    second = with_ledger(tmp_path / "b", ledger_path)
+    await env.run(first.charge_payment, charge_input("ORD-1/charge/TXN-1"))
+    await env.run(second.charge_payment, charge_input("ORD-1/charge/TXN-2"))
+    await env.run(
+        second.refund_payment, RefundPaymentInput("ORD-1", "TXN-1", LAPTOP, "ORD-1/refund/TXN-1")
+    )
+    for worker in (first, second, with_ledger(tmp_path / "c", ledger_path)):
+        assert await worker.payments.captured("ORD-1") == [LAPTOP, LAPTOP]
+        assert await worker.payments.refunded("ORD-1") == [LAPTOP]
 
 
 async def test_ledger_refunds_once_across_workers(

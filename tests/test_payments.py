@@ -20,6 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 from acme.orders.v1 import order_service_pb2 as pb
 from server.platform.app import start_server
 from server.platform.settings import ServerSettings
+from tests.support.money import assert_money_moved
 from tests.support.orders import LAPTOP_PRICE, create_request, money
 from tests.support.stack import Stack, async_stub, order_reaching
 from workflows.models import CONFIRM_PAYMENT_SIGNAL, PaymentRequest
@@ -63,6 +64,8 @@ async def test_wrong_amount_is_invalid_argument(stack: Stack) -> None:
     assert order.status == S.ORDER_STATUS_PENDING
     assert not order.HasField("payment_info")
     await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))
+    await stack.client.get_workflow_handle(created.workflow_id).result()
+    await assert_money_moved(stack.activities, created.order_id, captured=None)
 
 
 async def test_same_transaction_twice_is_charged_once(stack: Stack) -> None:
@@ -76,6 +79,7 @@ async def test_same_transaction_twice_is_charged_once(stack: Stack) -> None:
     assert order.payment_info.transaction_id == "TXN-DUP"
     assert list(order.rejected_payments) == []
     assert f"{created.order_id}/charge/TXN-DUP" in stack.activities.payments.charges
+    await assert_money_moved(stack.activities, created.order_id, captured=LAPTOP)
 
 
 async def test_second_transaction_for_paid_order_is_refused(stack: Stack) -> None:
@@ -86,6 +90,7 @@ async def test_second_transaction_for_paid_order_is_refused(stack: Stack) -> Non
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await stack.client.get_workflow_handle(created.workflow_id).result()
     assert f"{created.order_id}/charge/TXN-B" not in stack.activities.payments.charges
+    await assert_money_moved(stack.activities, created.order_id, captured=LAPTOP)
 
 
 async def test_payment_for_cancelled_or_delivered_order_is_refused(stack: Stack) -> None:
@@ -101,6 +106,9 @@ async def test_payment_for_cancelled_or_delivered_order_is_refused(stack: Stack)
             await stack.stub.ConfirmPayment(pay(order_id, "TXN-LATE"))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"{order_id}/charge/TXN-LATE" not in stack.activities.payments.charges
+    await stack.client.get_workflow_handle(cancelled.workflow_id).result()
+    await assert_money_moved(stack.activities, cancelled.order_id, captured=None)
+    await assert_money_moved(stack.activities, delivered.order_id, captured=LAPTOP)
 
 
 async def test_raw_signals_are_checked_by_the_workflow(stack: Stack) -> None:
@@ -133,6 +141,7 @@ async def test_raw_signals_are_checked_by_the_workflow(stack: Stack) -> None:
     for txn in ("TXN-SHORT", "TXN-EUR", "TXN-SECOND"):
         assert f"{created.order_id}/charge/{txn}" not in stack.activities.payments.charges
     assert f"{created.order_id}/charge/TXN-OK" in stack.activities.payments.charges
+    await assert_money_moved(stack.activities, created.order_id, captured=LAPTOP)
 
 
 async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
@@ -148,6 +157,7 @@ async def test_raw_payment_after_cancel_is_refused(slow_stack: Stack) -> None:
     assert not order.HasField("payment_info")
     assert [r.transaction_id for r in order.rejected_payments] == ["TXN-AFTER"]
     assert f"{created.order_id}/charge/TXN-AFTER" not in stack.activities.payments.charges
+    await assert_money_moved(stack.activities, created.order_id, captured=None)
 
 
 async def test_refused_and_repeated_payments_write_nothing_to_history(stack: Stack) -> None:
@@ -171,6 +181,7 @@ async def test_refused_and_repeated_payments_write_nothing_to_history(stack: Sta
     order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
     assert list(order.rejected_payments) == []
     assert f"{created.order_id}/charge/TXN-1" in stack.activities.payments.charges
+    await assert_money_moved(stack.activities, created.order_id, captured=LAPTOP)
 
 
 async def test_a_write_with_no_worker_is_unavailable_before_the_deadline(

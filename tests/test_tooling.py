@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import filecmp
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.support.env import ROOT, run, venv_binary
+from tests.support.env import ROOT, clean_environ, run, venv_binary
 from tests.support.orders import create_request
 from tests.support.stack import Stack, order_reaching
 
@@ -152,3 +155,68 @@ def test_generated_package_imports_on_its_own(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OrderServiceStub"
+
+
+# What the fresh venv reports: the package's own metadata and its dependencies'.
+_INSTALLED_REPORT = """
+import json, importlib.metadata as md
+from acme.orders.v1 import order_service_pb2 as pb, order_service_pb2_grpc as pb_grpc
+request = pb.CreateOrderRequest(customer_id="CUST-001")
+assert pb.CreateOrderRequest.FromString(request.SerializeToString()) == request
+dist = md.distribution("acme-orders-api")
+deps = [r.split(">")[0].split("=")[0].split("<")[0].strip() for r in dist.requires or []]
+print(json.dumps({
+    "module": pb.__file__,
+    "stub": pb_grpc.OrderServiceStub.__name__,
+    "requires_python": dist.metadata["Requires-Python"],
+    "deps": {d: md.distribution(d).metadata["Requires-Python"] for d in deps},
+}))
+"""
+
+
+def test_pip_install_generated_alone(tmp_path: Path) -> None:
+    """`pip install ./generated` into a fresh venv, from the package index: the API alone works.
+
+    Also that its python_requires holds for what it needs: a package that
+    claims a Python its dependencies refuse cannot be installed there.
+    """
+    source = tmp_path / "generated"
+    shutil.copytree(
+        ROOT / "generated", source, ignore=shutil.ignore_patterns("__pycache__", "build")
+    )
+    venv = tmp_path / "venv"
+    python = venv / "bin" / "python"
+    env = clean_environ({"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    env.pop("PYTHONPATH", None)
+    for command in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", str(source)],
+    ):
+        done = subprocess.run(
+            command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False
+        )
+        assert done.returncode == 0, f"{command}: {done.stderr[-3000:]}"
+
+    report = subprocess.run(
+        [str(python), "-c", _INSTALLED_REPORT],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr
+    found = json.loads(report.stdout)
+    assert Path(found["module"]).is_relative_to(venv), found["module"]  # not this checkout's
+    assert found["stub"] == "OrderServiceStub"
+    declared = SpecifierSet(found["requires_python"])
+    oldest = min(
+        (Version(spec.version) for spec in declared if spec.operator in (">=", "~=")),
+        default=None,
+    )
+    assert oldest is not None, f"requires-python {declared} names no oldest Python"
+    for dependency, needs in found["deps"].items():
+        assert needs is None or oldest in SpecifierSet(needs), (
+            f"generated/pyproject.toml allows Python {oldest}, but {dependency} needs {needs}"
+        )

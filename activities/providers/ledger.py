@@ -286,6 +286,7 @@ class Effects(dict[str, T]):
         self.kind, self.ledger, self.unique_results = kind, ledger, unique_results
         self._decode = decode
         self._results: set[str] = set()  # without a ledger: every result given
+        self._order_of: dict[str, str] = {}  # without a ledger: each key's order id
 
     async def recall(self, key: str, order_id: str, *, attempt: bool = True) -> T | None:
         """The key's effect, if there is one yet; an `attempt` of the provider is counted."""
@@ -312,5 +313,15 @@ class Effects(dict[str, T]):
             self._results.add(result)
             at, pid = time.time(), os.getpid()
             effect = Effect(self.kind, key, order_id, canonical(request), result, pid, at)
+            self._order_of[key] = order_id
             created = True
         return self.setdefault(key, self._decode(effect)), created
+
+    async def of_order(self, order_id: str) -> list[T]:
+        """Every effect made for the order, under any key, oldest first.
+
+        With a ledger, every process's (read from it); without, this process's.
+        """
+        if self.ledger is not None:
+            return [self._decode(e) for e in await self.ledger.effects(self.kind, order_id)]
+        return [self[key] for key, order in self._order_of.items() if order == order_id]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 
-from activities.providers.faults import simulate
+from temporalio import activity
+
+from activities.providers.faults import HEARTBEAT_INTERVAL_SECONDS, simulate
 from infra.settings import Options, Seconds, setting
 from workflows.models import Shipment, ShipOrderInput
 
@@ -34,6 +38,9 @@ class Shipping:
         self.packages: dict[str, str] = {}  # package id by order id
         self.shipments: dict[str, Shipment] = {}  # by order id
         self.deliveries: dict[str, datetime] = {}  # when, by tracking number
+        # Set by a test to hold every hand-over to the carrier until it sets the
+        # event: the workflow is then in the hand-over for as long as the test needs.
+        self.hand_over_gate: asyncio.Event | None = None
 
     async def pack(self, order_id: str) -> str:
         """Packs the order's items; returns the package id."""
@@ -42,6 +49,8 @@ class Shipping:
 
     async def ship(self, input: ShipOrderInput) -> Shipment:
         """Hands the package to the carrier; returns its tracking number."""
+        if self.hand_over_gate is not None:
+            await _held(self.hand_over_gate)
         step = f"shipping to {input.shipping.city}, {input.shipping.country}"
         shipment = partial(Shipment, f"FEDEX-{input.order_id}-{input.package_id}", CARRIER)
         seconds = self.settings.sim_ship_seconds
@@ -55,6 +64,14 @@ class Shipping:
     def _package_id(self) -> str:
         # Made once the packing is done: no other order can take the same number.
         return f"PKG-{len(self.packages) + 1}"
+
+
+async def _held(gate: asyncio.Event) -> None:
+    """Until the gate is set, heartbeating so the activity is not taken for dead meanwhile."""
+    while not gate.is_set():
+        activity.heartbeat()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gate.wait(), HEARTBEAT_INTERVAL_SECONDS)
 
 
 async def _once(

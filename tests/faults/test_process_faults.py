@@ -294,7 +294,8 @@ async def verify(
     ledger = cluster.ledger
     orders = {o: await client.get(o) for o in outcomes}
     problems = check_final_states(orders, outcomes, await refund_ids(ledger))
-    audit = await audit_ledger(ledger, outcomes, cluster.outbox)
+    totals = {order_id: order.total_amount for order_id, order in orders.items()}
+    audit = await audit_ledger(ledger, outcomes, cluster.outbox, totals)
     figures.add("ledger", audit.summary())
     assert not problems + audit.violations, "\n".join(problems + audit.violations)
     return audit

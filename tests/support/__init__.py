@@ -4,6 +4,7 @@
 - polling: `eventually`, waiting for a condition;
 - stats: `percentile`;
 - orders: request builders, an order's activity attempts;
+- money: `assert_money_moved`, the gateway's captures and refunds of an order;
 - stack: a worker and a gRPC server on a task queue of their own, and a stub;
 - cluster: the same as real processes, killed for real; the providers' ledger audited;
 - load: many orders driven at once, every one audited;

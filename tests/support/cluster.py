@@ -63,11 +63,13 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.providers.ledger import Effect, EffectKind, Ledger
 from tests.support.env import BIN, ROOT, clean_environ, free_port
+from tests.support.money import AnyMoney, money_moved_problems
 from tests.support.polling import eventually
 from tests.support.proxy import Proxy
 from tests.support.stack import Stack, async_stub
 from workflows import search_attributes
 from workflows.models import NotificationKind
+from workflows.money import Money
 
 SERVICE_NAME = "acme.orders.v1.OrderService"
 HOSTNAME = socket.gethostname()
@@ -745,7 +747,10 @@ _MESSAGE_ID = re.compile(rb"^Message-ID: (.+?)\r?$", re.MULTILINE | re.IGNORECAS
 
 
 async def audit_ledger(
-    ledger: Ledger, outcomes: Mapping[str, Outcome], outbox: Path | None = None
+    ledger: Ledger,
+    outcomes: Mapping[str, Outcome],
+    outbox: Path | None = None,
+    totals: Mapping[str, AnyMoney] | None = None,
 ) -> LedgerAudit:
     """Checks that each order had exactly the effects its outcome calls for, and no other order any.
 
@@ -753,7 +758,9 @@ async def audit_ledger(
     (same transaction, same amount) and none otherwise, one reservation per
     order and one release per cancelled one, one email of each kind the
     outcome calls for; with `outbox`, exactly those .eml files, each the
-    ledger's message.
+    ledger's message. The money rule (tests/support/money.py): a paid order
+    captured exactly once, exactly its total (from `totals`; without, its
+    one charge's amount), and a refunded one refunded exactly that, once.
     """
     audit = LedgerAudit()
     effects = await ledger.effects()
@@ -791,6 +798,10 @@ async def audit_ledger(
             audit.violations.append(f"{order_id} ({outcome.value}): emails {sorted(emails)}")
         charges = [e.params() for e in mine if e.kind is EffectKind.CHARGE]
         refunds = [e.params() for e in mine if e.kind is EffectKind.REFUND]
+        audit.violations.extend(
+            f"{order_id} ({outcome.value}): {problem}"
+            for problem in _money_problems(outcome, charges, refunds, (totals or {}).get(order_id))
+        )
         for refund in refunds:
             if not any(
                 (c["transaction_id"], c["amount"]) == (refund["transaction_id"], refund["amount"])
@@ -800,6 +811,26 @@ async def audit_ledger(
         if outbox is not None:
             audit.violations.extend(_check_outbox(outbox, order_id, outcome, mine))
     return audit
+
+
+def _money_problems(
+    outcome: Outcome,
+    charges: Sequence[Mapping[str, Any]],
+    refunds: Sequence[Mapping[str, Any]],
+    total: AnyMoney | None,
+) -> list[str]:
+    """The ledger's captures and refunds of one order against the money rule."""
+    captures = [Money(**c["amount"]) for c in charges]
+    if total is None and captures:
+        total = captures[0]  # no total given: at least the refund must match the capture
+    paid = outcome is not Outcome.CANCELLED_UNPAID
+    captured = total if paid else None
+    refunded = total if outcome is Outcome.CANCELLED_REFUNDED else None
+    if paid and captured is None:
+        return []  # no charge and no total: the count of charge effects says so already
+    return money_moved_problems(
+        captures, [Money(**r["amount"]) for r in refunds], captured=captured, refunded=refunded
+    )
 
 
 def _check_outbox(
