@@ -71,9 +71,9 @@ def rpc_context(rpc: str, order_id: str = "") -> Iterator[None]:
 
 
 def order_id_from_workflow_id(workflow_id: str) -> str | None:
-    if workflow_id.startswith(_WORKFLOW_ID_PREFIX) and len(workflow_id) > len(_WORKFLOW_ID_PREFIX):
-        return workflow_id.removeprefix(_WORKFLOW_ID_PREFIX)
-    return None
+    """The order of an order's workflow, or of one of its email workflows ("<id>/email/...")."""
+    order_id = workflow_id.removeprefix(_WORKFLOW_ID_PREFIX).partition("/")[0]
+    return order_id if workflow_id.startswith(_WORKFLOW_ID_PREFIX) and order_id else None
 
 
 def _temporal_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers import ProviderSettings
@@ -89,3 +91,25 @@ async def slow_stack(
     )
     async with open_stack(temporal.client, outbox, simulation=simulation) as s:
         yield s
+
+
+@pytest_asyncio.fixture
+async def skipping() -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server per test: one test's leftover email workflows stop its clock."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_binary("temporal-test-server")
+    )
+    # The time-skipping server takes custom search attributes only this way.
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={
+                k.name: IndexedValueType.ValueType(k.indexed_value_type.value)
+                for k in search_attributes.ALL
+            },
+        )
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()

@@ -30,7 +30,6 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
-from temporalio.client import WorkflowExecutionDescription
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
@@ -40,11 +39,18 @@ from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
 from activities.providers.mail import MailDeliveryError, MailSettings, SmtpMailer, mailer_for
 from tests.support.env import free_port
-from tests.support.orders import activity_attempts, create_request, payment_request
+from tests.support.orders import (
+    activity_attempts,
+    create_request,
+    email_attempts,
+    email_workflows,
+    payment_request,
+)
 from tests.support.polling import eventually
 from tests.support.stack import Stack, open_stack, order_reaching
-from workflows.models import Notification, NotificationKind
+from workflows.models import Notification, NotificationKind, OrderState, OrderStatus
 from workflows.money import Money
+from workflows.order_workflow import EMAIL_GRACE
 
 S = pb.OrderStatus
 SENDER = "Acme Orders <orders@shop.example>"
@@ -407,7 +413,7 @@ async def test_paid_order_emails_every_step(temporal: WorkflowEnvironment, tmp_p
         order_id = created.order_id
         await stack.stub.ConfirmPayment(payment_request(order_id, "TXN-SMTP-1"))
         order = await order_reaching(stack, order_id, S.ORDER_STATUS_DELIVERED)
-        await stack.client.get_workflow_handle(created.workflow_id).result()
+        await email_workflows(stack.client, created.workflow_id)
 
     tracking = order.shipment_info.tracking_number
     assert tracking
@@ -436,7 +442,7 @@ async def test_cancelled_order_emails_the_reason(
             pb.CancelOrderRequest(order_id=order_id, reason="Found it cheaper elsewhere")
         )
         await order_reaching(stack, order_id, S.ORDER_STATUS_CANCELLED)
-        await stack.client.get_workflow_handle(created.workflow_id).result()
+        await email_workflows(stack.client, created.workflow_id)
 
     got = inbox.for_order(order_id)
     assert set(got) == {"order_received", "order_cancelled"}
@@ -450,46 +456,45 @@ async def test_cancelled_order_emails_the_reason(
     )
 
 
-def failed_emails(description: WorkflowExecutionDescription) -> list[str]:
-    """The last failure of each send_notification waiting to be retried."""
-    return [
-        pending.last_failure.message
-        for pending in description.raw_description.pending_activities
-        if pending.activity_type.name == "send_notification" and pending.attempt > 1
-    ]
-
-
-async def test_mail_server_down_does_not_hold_up_the_order(
+async def test_mail_server_down_does_not_hold_the_order_open(
     temporal: WorkflowEnvironment, tmp_path: Path
 ) -> None:
-    """No server at first: the order is delivered all the same; the emails follow once it is up."""
+    """No server at first: the order closes soon after delivery; its emails follow once the
+    server is up, in workflows of their own."""
     inbox, port = Inbox(), free_port()
     async with smtp_stack(temporal, tmp_path, port) as stack:
         created = await stack.stub.CreateOrder(create_request())
         order_id = created.order_id
         await stack.stub.ConfirmPayment(payment_request(order_id, "TXN-SMTP-1"))
-        # Instant providers: delivered within seconds, though no email could be sent.
-        await order_reaching(stack, order_id, S.ORDER_STATUS_DELIVERED, within=5)
-        handle = stack.client.get_workflow_handle(created.workflow_id)
-        # All four emails failed once and wait for their next attempt, as the UI shows.
-        pending = await eventually(
-            handle.describe,
-            lambda d: len(failed_emails(d)) == 4,
-            within=10,
-        )
-        assert all("unreachable" in failure for failure in failed_emails(pending))
+        handle = stack.client.get_workflow_handle(created.workflow_id, result_type=OrderState)
+        # Instant providers: delivered, then closed after EMAIL_GRACE though no email was sent.
+        state = await asyncio.wait_for(handle.result(), timeout=EMAIL_GRACE.total_seconds() + 15)
+        assert state.status == OrderStatus.DELIVERED
+        emails = [
+            stack.client.get_workflow_handle(f"{created.workflow_id}/email/{kind.value}")
+            for kind in (
+                NotificationKind.ORDER_RECEIVED,
+                NotificationKind.PAYMENT_CONFIRMED,
+                NotificationKind.ORDER_SHIPPED,
+                NotificationKind.ORDER_DELIVERED,
+            )
+        ]
+        # Each email goes on in a workflow of its own, its send failed and to be retried.
+        for email in emails:
+            pending = await eventually(
+                email.describe,
+                lambda d: any(p.attempt > 1 for p in d.raw_description.pending_activities),
+                within=10,
+            )
+            [failure] = [p.last_failure.message for p in pending.raw_description.pending_activities]
+            assert "unreachable" in failure
         assert inbox.received == []
 
         async with smtp_server(inbox, port):
-            await eventually(
-                lambda: asyncio.sleep(0, inbox.for_order(order_id)),
-                lambda got: len(got) == 4,
-                within=15,
-            )
-            await handle.result()
+            histories = await asyncio.wait_for(email_workflows(stack.client, handle.id), 30)
     # Each email was retried until the server came up, and arrived once.
-    assert len(inbox.received) == 4
-    assert min(activity_attempts(await handle.fetch_history())["send_notification"]) > 1
+    assert len(histories) == len(inbox.for_order(order_id)) == len(inbox.received) == 4
+    assert min(email_attempts(histories)) > 1
 
 
 async def test_temporary_refusal_is_retried_and_delivered_once(
@@ -501,11 +506,12 @@ async def test_temporary_refusal_is_retried_and_delivered_once(
         created = await stack.stub.CreateOrder(create_request())
         await stack.stub.ConfirmPayment(payment_request(created.order_id, "TXN-SMTP-1"))
         await order_reaching(stack, created.order_id, S.ORDER_STATUS_DELIVERED, within=5)
-        handle = stack.client.get_workflow_handle(created.workflow_id)
-        await handle.result()
+        # Retried within the grace: sent by the order itself, no email workflow needed.
+        assert await email_workflows(stack.client, created.workflow_id) == []
     assert len(inbox.for_order(created.order_id)) == len(inbox.received) == 4
     assert set(inbox.tries.values()) == {2}
-    assert activity_attempts(await handle.fetch_history())["send_notification"] == [2, 2, 2, 2]
+    history = await stack.client.get_workflow_handle(created.workflow_id).fetch_history()
+    assert activity_attempts(history)["send_notification"] == [2, 2, 2, 2]
 
 
 async def test_rejected_recipient_does_not_fail_the_order(
@@ -521,7 +527,7 @@ async def test_rejected_recipient_does_not_fail_the_order(
         handle = stack.client.get_workflow_handle(created.workflow_id)
         await handle.result()  # completes: a rejected email is logged, not fatal
     assert inbox.received == []
-    # Rejected for good at the first attempt: not retried for a day.
+    # Rejected for good at the first attempt: not retried.
     assert activity_attempts(await handle.fetch_history())["send_notification"] == [1, 1, 1, 1]
 
 
@@ -548,7 +554,7 @@ async def test_order_emails_over_starttls_with_auth(
     async with server, stack_context as stack:
         created = await stack.stub.CreateOrder(create_request())
         await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=created.order_id))
-        await stack.client.get_workflow_handle(created.workflow_id).result()
+        await email_workflows(stack.client, created.workflow_id)
     got = inbox.for_order(created.order_id)
     assert set(got) == {"order_received", "order_cancelled"}
     assert all((r.login, r.tls) == (USERNAME, True) for r in got.values())

@@ -121,7 +121,7 @@ async def test_bad_creates_are_invalid_argument_and_start_nothing(stack: Stack) 
 
         # One good order as a marker: once visibility shows it, it shows the rest too.
         good = await fresh.stub.CreateOrder(create_request())
-        query = f"TaskQueue = '{fresh.task_queue}'"
+        query = f"TaskQueue = '{fresh.task_queue}' AND WorkflowType = 'OrderWorkflow'"
         count = await eventually(
             lambda: fresh.client.count_workflows(query), lambda c: c.count >= 1
         )

@@ -23,10 +23,12 @@ from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
 from activities.providers import ProviderSettings
+from tests.support.money import assert_money_moved
 from tests.support.orders import (
     LAPTOP_PRICE,
     activity_attempts,
     create_request,
+    email_workflows,
     money,
     payment_request,
 )
@@ -106,10 +108,9 @@ async def test_out_of_stock_cancels_and_charges_nothing(rules: Stack) -> None:
     assert order.inventory_info.reservation_id == ""
     assert created.order_id not in rules.activities.inventory.reservations
     assert rules.activities.inventory.stock_level(product) == 10
-    assert not any(
-        c.order_id == created.order_id for c in rules.activities.payments.charges.values()
-    )
+    await assert_money_moved(rules.activities, created.order_id, captured=None)
     # The customer is told why; no "order received" was ever sent.
+    await email_workflows(rules.client, created.workflow_id)
     sent = emails(rules.outbox, created.order_id)
     assert set(sent) == {"order_cancelled"}
     assert f"{SOLD_OUT} (requested 1, available 0)" in sent["order_cancelled"]
@@ -132,6 +133,8 @@ async def test_stock_is_taken_and_given_back(rules: Stack) -> None:
     order = await finished(rules, first.order_id)
     assert order.inventory_info.released
     assert rules.activities.inventory.stock_level(product) == 10
+    for order_id in (first.order_id, second.order_id):
+        await assert_money_moved(rules.activities, order_id, captured=None)
 
 
 async def test_declined_card_cancels_and_compensates(rules: Stack) -> None:
@@ -156,9 +159,10 @@ async def test_declined_card_cancels_and_compensates(rules: Stack) -> None:
     # Never captured, so nothing to refund; the items go back on the shelf.
     assert not order.HasField("payment_info")
     assert not order.HasField("refund_info")
-    assert f"{created.order_id}/charge/TXN-1" not in rules.activities.payments.charges
+    await assert_money_moved(rules.activities, created.order_id, captured=None)
     assert order.inventory_info.released
     assert rules.activities.inventory.stock_level(product) == 10
+    await email_workflows(rules.client, created.workflow_id)
     sent = emails(rules.outbox, created.order_id)
     assert set(sent) == {"order_received", "order_cancelled"}
     assert "Card declined by the gateway" in sent["order_cancelled"]
@@ -176,7 +180,7 @@ async def test_charge_over_the_limit_is_declined(rules: Stack) -> None:
         "Payment failed: Charge of USD 5999.94 declined by the gateway: above the limit of 5000"
     )
     assert order.inventory_info.released
-    assert f"{created.order_id}/charge/TXN-1" not in rules.activities.payments.charges
+    await assert_money_moved(rules.activities, created.order_id, captured=None)
 
 
 async def test_orders_within_the_rules_go_through(rules: Stack) -> None:
@@ -195,6 +199,9 @@ async def test_orders_within_the_rules_go_through(rules: Stack) -> None:
         order = await finished(rules, order_id)
         assert order.status == S.ORDER_STATUS_DELIVERED
         assert f"{order_id}/charge/TXN-1" in rules.activities.payments.charges
+        await assert_money_moved(
+            rules.activities, order_id, captured=money(4999, 950_000_000), refunded=None
+        )
     assert rules.activities.inventory.stock_level(product) == 0  # delivered goods stay taken
 
 
@@ -222,6 +229,7 @@ async def test_transient_failures_are_retried_and_the_order_is_delivered(
         assert order.shipment_info.tracking_number
         # Charged once, however often the gateway was tried.
         assert f"{created.order_id}/charge/TXN-1" in flaky.activities.payments.charges
+        await assert_money_moved(flaky.activities, created.order_id, captured=LAPTOP_PRICE)
         assert len(flaky.activities.shipping.shipments) == 1
         attempts = activity_attempts(history)
         assert attempts["charge_payment"] == [3]
@@ -239,6 +247,7 @@ async def test_transient_failures_are_retried_and_the_order_is_delivered(
             f"The payment gateway is unavailable {simulated}",
             f"The carrier is unavailable {simulated}",
         ]
+        await email_workflows(flaky.client, created.workflow_id)
         assert set(emails(flaky.outbox, created.order_id)) == {
             "order_received",
             "payment_confirmed",
@@ -283,6 +292,8 @@ async def test_compensation_is_retried_when_the_workflow_is_cancelled(
         assert order.refund_info.transaction_id == "TXN-1"
         assert order.inventory_info.released
         assert f"{created.order_id}/refund/TXN-1" in flaky.activities.payments.refunds
+        paid = money(1999, 980_000_000)
+        await assert_money_moved(flaky.activities, created.order_id, captured=paid, refunded=paid)
         # Given back once, not three times.
         assert flaky.activities.inventory.stock_level(product) == 2
         attempts = activity_attempts(await handle.fetch_history())
@@ -308,8 +319,10 @@ async def test_compensation_is_retried_after_the_payment_timeout(
         assert order.cancellation_reason == "Payment not received within 1 s"
         assert order.inventory_info.released
         assert flaky.activities.inventory.reservations[created.order_id].released
+        await assert_money_moved(flaky.activities, created.order_id, captured=None)
         handle = flaky.client.get_workflow_handle(created.workflow_id)
         assert activity_attempts(await handle.fetch_history())["release_inventory"] == [2]
+        await email_workflows(flaky.client, created.workflow_id)
         assert "order_cancelled" in emails(flaky.outbox, created.order_id)
 
 
@@ -322,6 +335,7 @@ async def test_workflow_cancelled_before_payment_still_emails_the_customer(rules
         await handle.result()
     order = await rules.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
     assert order.inventory_info.released
+    await assert_money_moved(rules.activities, created.order_id, captured=None)
     await eventually(
         lambda: asyncio.sleep(0, emails(rules.outbox, created.order_id)),
         lambda sent: "order_cancelled" in sent,

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,11 +21,17 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from temporalio.client import WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
+from activities.order_activities import OrderActivities
+from activities.providers import ProviderSettings
+from server.platform.app import start_server
+from server.platform.settings import ServerSettings
 from tests.support.orders import LAPTOP_PRICE, create_request
 from tests.support.polling import eventually
-from tests.support.stack import Stack, order_reaching
+from tests.support.stack import Stack, async_stub, order_reaching
+from worker.app import build_worker
 from workflows import models, search_attributes
 
 S = pb.OrderStatus
@@ -394,3 +401,42 @@ async def test_bad_page_tokens_are_invalid_argument(stack: Stack) -> None:
         assert await invalid(stack, page_token=token, **other) == {
             "page_token": "PAGE_TOKEN_MISMATCH"
         }
+
+
+async def test_an_order_is_listed_at_once_with_no_worker_and_keeps_its_creation_time(
+    temporal: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """Search attributes come with the start: listable before any worker runs the order."""
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        temporal_address=temporal.client.service_client.config.target_host,
+        task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
+    )
+    server = await start_server(settings, client=temporal.client)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = async_stub(channel)
+            customer = f"CUST-EARLY-{uuid.uuid4().hex[:8]}"
+            created = await stub.CreateOrder(create_request(customer_id=customer))
+            listed = await eventually(
+                lambda: stub.ListOrders(pb.ListOrdersRequest(customer_id=customer)),
+                lambda page: len(page.orders) == 1,
+                within=10,
+            )
+            [summary] = listed.orders
+            assert summary.order_id == created.order_id
+            assert summary.status == pb.ORDER_STATUS_PENDING
+            assert summary.total_amount == created.total_amount
+            started = await temporal.client.get_workflow_handle(created.workflow_id).describe()
+            created_at = summary.created_at.ToDatetime(tzinfo=UTC)
+            assert abs(created_at - started.start_time) < timedelta(seconds=1)
+            # Once a worker runs the order, it says the same creation time.
+            activities = OrderActivities(ProviderSettings.instant(tmp_path))
+            async with build_worker(temporal.client, settings.task_queue, activities):
+                order = await stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+            assert abs(order.created_at.ToDatetime(tzinfo=UTC) - created_at) < timedelta(
+                milliseconds=1
+            )
+    finally:
+        await server.stop(grace=0.5)

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import timedelta
 from email import message_from_bytes
 from pathlib import Path
+from typing import Any
 
-from temporalio.client import WorkflowExecutionStatus
+import grpc
+import pytest
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 
 from acme.orders.v1 import order_service_pb2 as pb
-from tests.support.orders import LAPTOP_PRICE, create_request, money, payment_request
+from tests.support.money import assert_money_moved
+from tests.support.orders import (
+    LAPTOP_PRICE,
+    create_request,
+    email_workflows,
+    money,
+    payment_request,
+)
+from tests.support.polling import eventually
 from tests.support.stack import Stack, open_stack, order_reaching
+from workflows.models import CANCEL_ORDER_SIGNAL
 
 S = pb.OrderStatus
 
@@ -61,8 +75,9 @@ async def test_happy_path(stack: Stack) -> None:
     )
     assert eta.estimated_delivery == order.estimated_delivery
 
-    handle = stack.client.get_workflow_handle(created.workflow_id)
-    await handle.result()
+    await email_workflows(stack.client, created.workflow_id)
+    await assert_money_moved(stack.activities, created.order_id, captured=LAPTOP_PRICE)
+    await email_workflows(stack.client, created.workflow_id)
     assert email_subjects(stack.outbox, created.order_id).keys() == {
         "order_received",
         "payment_confirmed",
@@ -80,12 +95,14 @@ async def test_cancel_before_payment(stack: Stack) -> None:
 
     order = await order_reaching(stack, created.order_id, S.ORDER_STATUS_CANCELLED)
     assert order.cancellation_reason == "Customer requested cancellation"
-    await stack.client.get_workflow_handle(created.workflow_id).result()
+    await email_workflows(stack.client, created.workflow_id)
     order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
     # Nothing was paid, so nothing is refunded; the reservation is released.
     assert not order.HasField("payment_info")
     assert not order.HasField("refund_info")
     assert order.inventory_info.released
+    await assert_money_moved(stack.activities, created.order_id, captured=None)
+    await email_workflows(stack.client, created.workflow_id)
     assert "order_cancelled" in email_subjects(stack.outbox, created.order_id)
 
 
@@ -106,14 +123,100 @@ async def test_cancel_after_payment_refunds_and_releases(slow_stack: Stack) -> N
     assert order.refund_info.transaction_id == "TXN-12345"
     assert order.refund_info.amount == LAPTOP_PRICE
     assert order.refund_info.refund_id
+    await assert_money_moved(
+        stack.activities, created.order_id, captured=LAPTOP_PRICE, refunded=LAPTOP_PRICE
+    )
     assert order.inventory_info.released
     assert not order.HasField("shipment_info")
     # The cancel did not wait for the 3 s packaging step to finish: it interrupted it.
     captured, refunded = order.payment_info.timestamp, order.refund_info.refunded_at
     assert refunded.ToDatetime() - captured.ToDatetime() < timedelta(seconds=3)
+    await email_workflows(stack.client, created.workflow_id)
     subjects = email_subjects(stack.outbox, created.order_id)
     assert {"order_received", "payment_confirmed", "order_cancelled"} <= subjects.keys()
     assert "order_shipped" not in subjects
+
+
+async def pending_activities(handle: WorkflowHandle[Any, Any]) -> list[str]:
+    """The names of the activities the workflow is waiting for right now."""
+    described = await handle.describe()
+    return [a.activity_type.name for a in described.raw_description.pending_activities]
+
+
+async def cancel_taken(handle: WorkflowHandle[Any, Any]) -> bool:
+    """Whether the workflow has run a workflow task since the cancel signal reached it."""
+    signalled: int | None = None
+    async for event in handle.fetch_history_events():
+        if event.HasField("workflow_execution_signaled_event_attributes"):
+            if event.workflow_execution_signaled_event_attributes.signal_name == (
+                CANCEL_ORDER_SIGNAL
+            ):
+                signalled = event.event_id
+        elif signalled is not None and event.HasField("workflow_task_completed_event_attributes"):
+            return True
+    return False
+
+
+async def cancel_code(stack: Stack, order_id: str) -> grpc.StatusCode:
+    """CancelOrder's status code."""
+    try:
+        await stack.stub.CancelOrder(pb.CancelOrderRequest(order_id=order_id, reason="Too late"))
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def test_cancel_during_the_hand_over_to_the_carrier_is_refused(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decision 0006: a cancel that arrives once ship_order has begun is refused; delivered.
+
+    The status still reads PREPARING then, so the server passes the cancel on;
+    the workflow must refuse it itself. The carrier holds the hand-over (a gate
+    on this stack's Shipping) until the workflow has taken the signal, so the
+    cancel lands inside the window on every run.
+    """
+    caplog.set_level(logging.WARNING, logger="temporalio.workflow")
+    async with open_stack(stack.client, tmp_path / "outbox") as own:
+        gate = asyncio.Event()
+        own.activities.shipping.hand_over_gate = gate
+        created = await own.stub.CreateOrder(create_request())
+        handle = own.client.get_workflow_handle(created.workflow_id)
+        try:
+            await own.stub.ConfirmPayment(payment_request(created.order_id, "TXN-HAND-OVER"))
+            await eventually(
+                lambda: pending_activities(handle),
+                lambda names: "ship_order" in names,
+                what="the hand-over to the carrier under way",
+            )
+            code = await cancel_code(own, created.order_id)
+            # Refused up front is as good; passed on, the workflow must refuse it.
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION), code
+            refused_up_front = code == grpc.StatusCode.FAILED_PRECONDITION
+            if not refused_up_front:
+                await eventually(lambda: cancel_taken(handle), bool, what="the cancel signal taken")
+            assert "ship_order" in await pending_activities(handle)  # still held
+        finally:
+            gate.set()
+        await handle.result()
+        order = await own.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
+        assert order.status == S.ORDER_STATUS_DELIVERED
+        assert order.cancellation_reason == ""
+        assert not order.HasField("refund_info")
+        assert order.shipment_info.tracking_number
+        assert not order.inventory_info.released
+        await assert_money_moved(own.activities, created.order_id, captured=LAPTOP_PRICE)
+    if refused_up_front:
+        return
+    # A signal has no caller to answer: the workflow's refusal is its log line.
+    refusals = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "temporalio.workflow"
+        and created.workflow_id in record.getMessage()
+        and "cancellation refused" in record.getMessage().lower()
+    ]
+    assert len(refusals) == 1, f"the workflow did not refuse the cancel: {refusals}"
 
 
 async def test_query_completed_order(stack: Stack) -> None:
@@ -122,6 +225,7 @@ async def test_query_completed_order(stack: Stack) -> None:
     handle = stack.client.get_workflow_handle(created.workflow_id)
     await handle.result()
     assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+    await assert_money_moved(stack.activities, created.order_id, captured=LAPTOP_PRICE)
 
     # Queries still answer once the workflow has closed.
     order = await stack.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
@@ -142,6 +246,8 @@ async def test_payment_timeout_cancels_and_compensates(stack: Stack, tmp_path: P
         assert order.status == S.ORDER_STATUS_CANCELLED
         assert order.cancellation_reason == "Payment not received within 2 s"
         assert order.inventory_info.released
+        await assert_money_moved(short.activities, created.order_id, captured=None)
+        await email_workflows(short.client, created.workflow_id)
         assert "order_cancelled" in email_subjects(short.outbox, created.order_id)
 
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest_asyncio
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
-from tests.support.env import venv_binary
+from tests.support.money import assert_money_moved
+from tests.support.orders import email_workflows
 from worker.app import build_worker
-from workflows import search_attributes
 from workflows.models import (
     CONFIRM_PAYMENT_SIGNAL,
     WORKFLOW_NAME,
@@ -32,27 +28,6 @@ from workflows.models import (
 from workflows.money import Money
 
 PRICE = Money("USD", 999, 990_000_000)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def skipping() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=venv_binary("temporal-test-server")
-    )
-    # The time-skipping server takes custom search attributes only this way.
-    await env.client.operator_service.add_search_attributes(
-        AddSearchAttributesRequest(
-            namespace=env.client.namespace,
-            search_attributes={
-                k.name: IndexedValueType.ValueType(k.indexed_value_type.value)
-                for k in search_attributes.ALL
-            },
-        )
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
 
 
 async def start_order(
@@ -82,11 +57,14 @@ async def test_no_payment_in_24_hours_cancels(
     async with build_worker(skipping.client, task_queue, activities):
         handle = await start_order(skipping, task_queue)
         state = await handle.result()  # the server skips the 24 hours
+        # The emails are workflows of their own, sent while this worker runs.
+        await email_workflows(skipping.client, handle.id)
     assert state.status == OrderStatus.CANCELLED
     assert state.cancellation_reason == "Payment not received within 24 h"
     assert state.inventory_info.released
     assert state.payment_info is None
     assert state.updated_at - state.created_at >= timedelta(hours=24)
+    await assert_money_moved(activities, state.order_id, captured=None)
 
 
 async def test_payment_within_24_hours_completes(
@@ -99,9 +77,11 @@ async def test_payment_within_24_hours_completes(
         await skipping.sleep(timedelta(hours=23, minutes=59))
         await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-LATE", PRICE, "card"))
         state = await handle.result()
+        await email_workflows(skipping.client, handle.id)
     assert state.status == OrderStatus.DELIVERED
     assert state.payment_info is not None
     assert state.payment_info.transaction_id == "TXN-LATE"
+    await assert_money_moved(activities, state.order_id, captured=PRICE)
 
 
 async def test_gateway_without_verdict_for_an_hour_cancels_and_refunds(
@@ -117,9 +97,13 @@ async def test_gateway_without_verdict_for_an_hour_cancels_and_refunds(
         handle = await start_order(skipping, task_queue)
         await handle.signal(CONFIRM_PAYMENT_SIGNAL, PaymentRequest("TXN-LIMBO", PRICE, "card"))
         state = await handle.result()  # the hour of retries is skipped
+        await email_workflows(skipping.client, handle.id)
     assert state.status == OrderStatus.CANCELLED
     assert state.cancellation_reason is not None
     assert state.cancellation_reason.startswith("Payment failed: ")
     assert state.refund_info is not None
     assert state.refund_info.transaction_id == "TXN-LIMBO"
     assert state.inventory_info.released
+    # No attempt reached the gateway, so nothing was captured; the refund by the
+    # charge's key, to be sure, is of exactly the amount that could have been.
+    await assert_money_moved(activities, state.order_id, captured=None, refunded=PRICE)

@@ -54,6 +54,7 @@ def full_state() -> models.OrderState:
             models.RejectedPayment("TXN-0", Money("EUR", 1, 0), "paypal", "wrong currency", at(5))
         ],
         delivered_at=at(4 * 86400),
+        failures=[models.StepFailure("refund_payment", "Amount must be positive", at(5 * 86400))],
     )
 
 
@@ -117,6 +118,11 @@ def test_every_order_field_is_converted() -> None:
             )
         ],
         delivered_at=ts(at(4 * 86400)),
+        failures=[
+            pb.StepFailure(
+                step="refund_payment", error="Amount must be positive", failed_at=ts(at(5 * 86400))
+            )
+        ],
     )
 
 
@@ -151,6 +157,7 @@ def test_a_new_order_leaves_the_optional_fields_unset() -> None:
     assert order.cancellation_reason == ""
     assert order.inventory_info == pb.InventoryInfo()
     assert list(order.rejected_payments) == []
+    assert list(order.failures) == []
     assert order.status == pb.ORDER_STATUS_PENDING
 
 

@@ -16,6 +16,7 @@ from temporalio.client import Client
 
 from activities.providers import ProviderSettings
 from tests.support.env import ROOT, free_port, settings_from
+from tests.support.orders import email_workflows
 from tests.support.proxy import Proxy
 from worker.app import connect_with_retry, run_worker
 from worker.settings import WorkerSettings
@@ -185,6 +186,7 @@ async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_pat
         assert state.status == OrderStatus.DELIVERED
         assert state.shipment_info is not None
         assert state.shipment_info.tracking_number.startswith(f"FEDEX-{order_id}-PKG-")
+        await email_workflows(client, handle.id)
         sent = sorted(p.name for p in (tmp_path / "outbox" / order_id).iterdir())
         assert sent == [
             "order_delivered.eml",

@@ -10,11 +10,12 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.order_activities import OrderActivities
 from infra.temporal_client import TemporalSettings, bind_address, new_runtime
 from worker.settings import WorkerSettings, WorkerTuning
+from workflows.notification_workflow import NotificationWorkflow
 from workflows.order_workflow import OrderWorkflow
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 # them; short, because Temporal retries anything cut off on the next worker.
 GRACEFUL_SHUTDOWN_TIMEOUT = timedelta(seconds=5)
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=3)
+# The SDK's default sandbox: workflow code that calls datetime.now(), random,
+# os.environ... fails its workflow task instead of running silently
+# (docs/decisions/0015 measures what it costs).
+WORKFLOW_RUNNER = SandboxedWorkflowRunner()
 
 
 def build_worker(
@@ -37,20 +42,13 @@ def build_worker(
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[OrderWorkflow],
+        workflows=[OrderWorkflow, NotificationWorkflow],
         activities=activities.all(),
         graceful_shutdown_timeout=graceful_shutdown_timeout,
         # After a worker dies, its cached workflows' tasks (queries among them)
         # move to the other workers after this instead of the default 10 s.
         sticky_queue_schedule_to_start_timeout=STICKY_QUEUE_TIMEOUT,
-        # The sandbox still refuses non-deterministic calls, but no longer
-        # re-imports every module for each workflow run: about half the memory
-        # per cached order and a quarter less worker CPU per order (docs/
-        # performance). Safe because the workflow's modules keep no mutable
-        # global state; a module that did would be shared by all orders.
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
-        ),
+        workflow_runner=WORKFLOW_RUNNER,
         **(tuning or WorkerTuning()).worker_options(),
     )
 

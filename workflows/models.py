@@ -85,6 +85,10 @@ class OrderInput:
     # A digest of the CreateOrder request, so that a retry with the same
     # request_id but different contents can be told apart from a true retry.
     request_fingerprint: str = ""
+    # When the server started the order's workflow, as its OrderCreatedAt search
+    # attribute says; kept across a reset, whose run starts later. None: orders
+    # started before it was sent, created at their workflow's start time.
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,15 @@ class RejectedPayment:
 
 
 @dataclass
+class StepFailure:
+    """A step that failed for good and needs a person: the step, the error, when."""
+
+    step: str
+    error: str
+    failed_at: datetime
+
+
+@dataclass
 class OrderState:
     """Everything the workflow knows about its order: the `get_full_state` query."""
 
@@ -166,6 +179,7 @@ class OrderState:
     inventory_info: InventoryInfo = field(default_factory=InventoryInfo)
     rejected_payments: list[RejectedPayment] = field(default_factory=list)
     delivered_at: datetime | None = None
+    failures: list[StepFailure] = field(default_factory=list)
 
 
 # --- Activity inputs and results ---------------------------------------------

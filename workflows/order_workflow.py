@@ -6,6 +6,7 @@ Signals only record what arrived; the run loop acts on it between steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -13,8 +14,13 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ActivityHandle
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    WorkflowAlreadyStartedError,
+)
+from temporalio.workflow import ActivityHandle, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.order_activities import OrderActivities
@@ -47,8 +53,10 @@ with workflow.unsafe.imports_passed_through():
         ReserveInventoryInput,
         ShipmentInfo,
         ShipOrderInput,
+        StepFailure,
         order_total,
     )
+    from workflows.notification_workflow import NotificationWorkflow
     from workflows.rules import cancellation_refusal, payment_refusal
 
 _T = TypeVar("_T")
@@ -61,12 +69,13 @@ WORKFLOW_CANCELLED_REASON = "Order workflow was cancelled"
 MAX_REJECTED_PAYMENTS = 100
 
 # Forward steps: retried with backoff, but a step that keeps failing for a day
-# is a bug to look at, not something to retry forever.
+# is a bug to look at, not something to retry forever: STEP_GIVE_UP ends it.
 STEP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
 )
+STEP_GIVE_UP = timedelta(days=1)
 STEP_TIMEOUT = timedelta(seconds=30)
 # The providers heartbeat every second while they work, so a worker that dies
 # mid-call is noticed after this, not after the whole STEP_TIMEOUT.
@@ -78,18 +87,25 @@ PAYMENT_RETRY = replace(
 )
 # How long a payment may keep failing with no verdict from the gateway.
 PAYMENT_GIVE_UP = timedelta(hours=1)
-# Compensation and emails must eventually happen: retried until they succeed.
+# Compensation must eventually happen: retried until it succeeds, unless the
+# provider refuses it for good (a non-retryable error), which is recorded.
 FOREVER_RETRY = replace(STEP_RETRY, maximum_interval=timedelta(minutes=1), maximum_attempts=0)
 DELIVERY_TIMEOUT = timedelta(hours=1)
 DELIVERY_HEARTBEAT = timedelta(seconds=30)
 EMAIL_SCHEDULE_TO_CLOSE = timedelta(days=1)
+# How long a finished order waits for its emails before it hands the unsent ones
+# to workflows of their own and closes: a mail outage never holds it open.
+EMAIL_GRACE = timedelta(seconds=10)
+# Patches (docs/decisions/0008): what orders started before a change still replay.
+EMAILS_HANDED_OFF = "emails-handed-off"
+CANCEL_STEP_ON_WORKFLOW_CANCEL = "cancel-step-on-workflow-cancel"
 
 
 def _options(
     retry: RetryPolicy,
     timeout: timedelta = STEP_TIMEOUT,
     heartbeat: timedelta | None = STEP_HEARTBEAT,
-    give_up: timedelta | None = None,
+    give_up: timedelta | None = STEP_GIVE_UP,
 ) -> workflow.ActivityConfig:
     return workflow.ActivityConfig(
         start_to_close_timeout=timeout,
@@ -106,8 +122,8 @@ _OPTIONS: dict[Callable[..., Any], workflow.ActivityConfig] = {
     OrderActivities.prepare_shipment: _options(STEP_RETRY),
     OrderActivities.ship_order: _options(STEP_RETRY),
     OrderActivities.deliver_order: _options(STEP_RETRY, DELIVERY_TIMEOUT, DELIVERY_HEARTBEAT),
-    OrderActivities.refund_payment: _options(FOREVER_RETRY),
-    OrderActivities.release_inventory: _options(FOREVER_RETRY),
+    OrderActivities.refund_payment: _options(FOREVER_RETRY, give_up=None),
+    OrderActivities.release_inventory: _options(FOREVER_RETRY, give_up=None),
     OrderActivities.send_notification: _options(
         FOREVER_RETRY, heartbeat=None, give_up=EMAIL_SCHEDULE_TO_CLOSE
     ),
@@ -117,6 +133,10 @@ _OPTIONS: dict[Callable[..., Any], workflow.ActivityConfig] = {
 def _start(activity: Callable[[OrderActivities, _A], Awaitable[_T]], arg: _A) -> ActivityHandle[_T]:
     """Starts an activity with its options from _OPTIONS."""
     return workflow.start_activity_method(activity, arg, **_OPTIONS[activity])
+
+
+def _cancelled(err: ActivityError) -> bool:
+    return isinstance(err.cause, CancelledError)
 
 
 def _failure_message(err: ActivityError) -> str:
@@ -136,7 +156,7 @@ def _describe_timeout(seconds: int) -> str:
 class OrderWorkflow:
     @workflow.init
     def __init__(self, order: OrderInput) -> None:
-        now = workflow.now()
+        now = order.created_at or workflow.info().start_time
         self._order = order
         self._state = OrderState(
             order_id=order.order_id,
@@ -160,7 +180,7 @@ class OrderWorkflow:
         self._workflow_cancelled = False
         self._charged = False
         self._cancellation_emailed = False
-        self._emails: list[Awaitable[Any]] = []
+        self._emails: list[tuple[Notification, ActivityHandle[None]]] = []
 
     # --- Signals: record, validate, never block ------------------------------
     # What the order refuses is recorded (rejected_payments) or logged: a
@@ -237,7 +257,8 @@ class OrderWorkflow:
             and await self._charge()
             and (package_id := await self._prepare()) is not None
         ):
-            await self._deliver(await self._ship(package_id))
+            if (tracking_number := await self._ship(package_id)) is not None:
+                await self._deliver(tracking_number)
         else:
             await self._compensate()
 
@@ -302,19 +323,29 @@ class OrderWorkflow:
         return self._cancel is None
 
     async def _prepare(self) -> str | None:
-        """Packs the order: the package id, or None if the order is cancelled meanwhile."""
+        """Packs the order: the package id, or None if it failed for good or was cancelled."""
         self._set_status(OrderStatus.PREPARING)
         prepare = PrepareShipmentInput(self._order.order_id, list(self._order.items))
-        package_id = await self._unless_cancelled(_start(OrderActivities.prepare_shipment, prepare))
+        try:
+            package_id = await self._unless_cancelled(
+                _start(OrderActivities.prepare_shipment, prepare)
+            )
+        except ActivityError as err:
+            self._cancel = self._cancel or CancelRequest(f"Packing failed: {_failure_message(err)}")
+            return None
         return package_id if self._cancel is None else None
 
-    async def _ship(self, package_id: str) -> str:
-        """Hands the parcel to the carrier; returns its tracking number."""
+    async def _ship(self, package_id: str) -> str | None:
+        """Hands the parcel to the carrier: its tracking number, or None if that failed for good."""
         # The point of no return: from here a cancel, of the order or of the
-        # workflow, no longer stops the parcel.
+        # workflow, no longer stops the parcel, and a failure needs a person.
         self._handed_to_carrier = True
         ship = ShipOrderInput(self._order.order_id, package_id, self._order.shipping)
-        shipment = await self._uninterrupted(_start(OrderActivities.ship_order, ship))
+        try:
+            shipment = await self._uninterrupted(_start(OrderActivities.ship_order, ship))
+        except ActivityError as err:
+            self._failed("ship_order", err)
+            return None
         now = workflow.now()
         self._state.shipment_info = ShipmentInfo(
             tracking_number=shipment.tracking_number,
@@ -328,7 +359,11 @@ class OrderWorkflow:
 
     async def _deliver(self, tracking_number: str) -> None:
         deliver = DeliverOrderInput(self._order.order_id, tracking_number)
-        await self._uninterrupted(_start(OrderActivities.deliver_order, deliver))
+        try:
+            await self._uninterrupted(_start(OrderActivities.deliver_order, deliver))
+        except ActivityError as err:
+            self._failed("deliver_order", err)
+            return
         self._state.delivered_at = workflow.now()
         self._set_status(OrderStatus.DELIVERED)
         self._notify(NotificationKind.ORDER_DELIVERED)
@@ -369,7 +404,11 @@ class OrderWorkflow:
                 amount=paid.amount,
                 idempotency_key=f"{self._order.order_id}/refund/{paid.transaction_id}",
             )
-            refund_id = await _start(OrderActivities.refund_payment, refund)
+            try:
+                refund_id = await _start(OrderActivities.refund_payment, refund)
+            except ActivityError as err:
+                self._failed("refund_payment", err)  # the release still runs
+                return
             self._state.refund_info = RefundInfo(
                 refund_id=refund_id,
                 transaction_id=paid.transaction_id,
@@ -382,7 +421,11 @@ class OrderWorkflow:
         reservation = self._state.inventory_info.reservation_id
         if reservation and not self._state.inventory_info.released:
             release = ReleaseInventoryInput(self._order.order_id, reservation)
-            await _start(OrderActivities.release_inventory, release)
+            try:
+                await _start(OrderActivities.release_inventory, release)
+            except ActivityError as err:
+                self._failed("release_inventory", err)
+                return
             self._state.inventory_info.released = True
             self._touch()
 
@@ -416,7 +459,13 @@ class OrderWorkflow:
         activity is cancelled and compensation starts at once.
         """
         cancelled = asyncio.ensure_future(workflow.wait_condition(lambda: self._cancel is not None))
-        await workflow.wait([step, cancelled], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await workflow.wait([step, cancelled], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # A cancel of the workflow itself: the step is cancelled too, then compensated.
+            if not workflow.patched(CANCEL_STEP_ON_WORKFLOW_CANCEL):
+                raise
+            self._on_workflow_cancel()
         if step.done():
             cancelled.cancel()
             return step.result()
@@ -427,13 +476,37 @@ class OrderWorkflow:
         return None
 
     async def _await_emails(self) -> None:
-        """Waits for the emails started so far: the workflow closing would drop them."""
-        for email in self._emails:
+        """Waits for the emails, then hands those still unsent to workflows of their own.
+
+        The order cannot close with an email pending (it would be lost); a mail
+        server that is down would otherwise hold it open until the mail is sent.
+        """
+        if self._emails and workflow.patched(EMAILS_HANDED_OFF):
+            await workflow.wait(
+                [email for _, email in self._emails], timeout=EMAIL_GRACE.total_seconds()
+            )
+            for notification, email in self._emails:
+                if not email.done():
+                    email.cancel()
+                    email.add_done_callback(lambda done: done.cancelled() or done.exception())
+                    await self._hand_off(notification)
+        for notification, email in self._emails:
             try:
                 await email
             except ActivityError as err:
-                # An email that failed for a whole day must not fail the order.
-                workflow.logger.error("Email not sent: %s", err)
+                if not _cancelled(err):  # failed for a whole day: never the order's end
+                    workflow.logger.error("%s email not sent: %s", notification.kind.value, err)
+
+    async def _hand_off(self, notification: Notification) -> None:
+        """Starts the email's own workflow, which outlives the order (ABANDON)."""
+        # A reset order may hand an email off again: then the first workflow sends it.
+        with contextlib.suppress(WorkflowAlreadyStartedError):
+            await workflow.start_child_workflow(
+                NotificationWorkflow.run,
+                notification,
+                id=f"{workflow.info().workflow_id}/email/{notification.kind.value}",
+                parent_close_policy=ParentClosePolicy.ABANDON,
+            )
 
     # --- Helpers ----------------------------------------------------------------
 
@@ -460,23 +533,25 @@ class OrderWorkflow:
     def _notify(self, kind: NotificationKind) -> None:
         """Starts the email without waiting: a slow mail server never holds up the order."""
         state = self._state
-        self._emails.append(
-            _start(
-                OrderActivities.send_notification,
-                Notification(
-                    kind=kind,
-                    order_id=state.order_id,
-                    customer_id=state.customer_id,
-                    recipient=state.customer_email,
-                    total_amount=state.total_amount,
-                    tracking_number=(
-                        state.shipment_info.tracking_number if state.shipment_info else ""
-                    ),
-                    estimated_delivery=state.estimated_delivery,
-                    reason=state.cancellation_reason or "",
-                ),
-            )
+        notification = Notification(
+            kind=kind,
+            order_id=state.order_id,
+            customer_id=state.customer_id,
+            recipient=state.customer_email,
+            total_amount=state.total_amount,
+            tracking_number=state.shipment_info.tracking_number if state.shipment_info else "",
+            estimated_delivery=state.estimated_delivery,
+            reason=state.cancellation_reason or "",
         )
+        email = _start(OrderActivities.send_notification, notification)
+        self._emails.append((notification, email))
+
+    def _failed(self, step: str, err: ActivityError) -> None:
+        """Records a step that failed for good, for a person to act on, and says so loudly."""
+        message = _failure_message(err)
+        workflow.logger.error("%s failed for good, a person must act: %s", step, message)
+        self._state.failures.append(StepFailure(step, message, workflow.now()))
+        self._touch()
 
     def _set_status(self, status: OrderStatus) -> None:
         """The one place the status changes: in the state and in its search attribute."""
@@ -487,17 +562,12 @@ class OrderWorkflow:
     def _publish_for_listing(self) -> None:
         """Search attributes for ListOrders' filters, and the exact total for its results."""
         state = self._state
-        workflow.upsert_search_attributes(
-            [
-                search_attributes.ORDER_CUSTOMER_ID.value_set(state.customer_id),
-                search_attributes.ORDER_STATUS.value_set(state.status.value),
-                search_attributes.ORDER_CREATED_AT.value_set(state.created_at),
-                search_attributes.ORDER_CURRENCY.value_set(state.total_amount.currency_code),
-                search_attributes.ORDER_TOTAL_MICROS.value_set(
-                    search_attributes.total_micros(state.total_amount)
-                ),
-            ]
+        pairs = search_attributes.for_listing(
+            state.customer_id, state.status.value, state.created_at, state.total_amount
         )
+        # Orders started by an older server have none yet; for the others, the
+        # creation time becomes the workflow's start time to the microsecond.
+        workflow.upsert_search_attributes([pair.key.value_set(pair.value) for pair in pairs])
         workflow.upsert_memo({search_attributes.MEMO_TOTAL_AMOUNT: state.total_amount})
 
     def _touch(self) -> None:

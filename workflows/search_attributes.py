@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from temporalio.common import SearchAttributeKey
+from temporalio.common import SearchAttributeKey, SearchAttributePair
 
 from workflows.money import Money
 
@@ -35,6 +36,20 @@ def dev_server_flags() -> list[str]:
     for key in ALL:  # the CLI spells the types Keyword, Datetime, Int
         flags += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.title()}"]
     return flags
+
+
+def for_listing(
+    customer_id: str, status: str, created_at: datetime, total: Money
+) -> list[SearchAttributePair[Any]]:
+    """What ListOrders filters on: set by the server when it starts the order, kept by the
+    workflow."""
+    return [
+        SearchAttributePair(ORDER_CUSTOMER_ID, customer_id),
+        SearchAttributePair(ORDER_STATUS, status),
+        SearchAttributePair(ORDER_CREATED_AT, created_at),
+        SearchAttributePair(ORDER_CURRENCY, total.currency_code),
+        SearchAttributePair(ORDER_TOTAL_MICROS, total_micros(total)),
+    ]
 
 
 def total_micros(total: Money) -> int:

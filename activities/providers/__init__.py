@@ -48,4 +48,6 @@ class ProviderSettings(
         if how and self.sim_fail_activities:
             activities = ", ".join(sorted(self.sim_fail_activities))
             parts.append(f"failing {' and '.join(how)} of {activities}")
+        if self.sim_fail_for_good:
+            parts.append(f"refusing {', '.join(sorted(self.sim_fail_for_good))} for good")
         return "; ".join(parts)

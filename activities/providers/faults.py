@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # second; the SDK throttles what it actually sends to the server.
 HEARTBEAT_INTERVAL_SECONDS = 1.0
 PROVIDER_UNAVAILABLE = "ProviderUnavailable"
+PROVIDER_REFUSED = "ProviderRefused"  # not retryable
 
 # Every activity, by its registered name, and who an outage of it is blamed on.
 ACTIVITY_PROVIDERS: dict[str, str] = {
@@ -80,6 +81,12 @@ class FaultSettings(Options):
     sim_fail_activities: ActivityNames = setting(
         FORWARD_ACTIVITIES, "ORDER_SIM_FAIL_ACTIVITIES", "activities that fail so, or all"
     )
+    sim_fail_for_good: ActivityNames = setting(
+        frozenset(),
+        "ORDER_SIM_FAIL_FOR_GOOD",
+        "activities whose provider refuses every call for good (not retryable), or all",
+        shown="none",
+    )
 
 
 class Faults:
@@ -95,6 +102,13 @@ class Faults:
         Retryable, so that each failure shows as one more attempt in the Temporal UI.
         """
         settings = self.settings
+        if name in settings.sim_fail_for_good:
+            logger.info("order %s: %s refused for good (simulated)", order_id, name)
+            raise ApplicationError(
+                f"The {ACTIVITY_PROVIDERS[name]} refuses it for good (simulated)",
+                type=PROVIDER_REFUSED,
+                non_retryable=True,
+            )
         if name not in settings.sim_fail_activities:
             return
         attempt = activity.info().attempt

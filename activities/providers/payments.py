@@ -1,4 +1,8 @@
-"""The simulated payment gateway: captures and refunds once per idempotency key; decline rules."""
+"""The simulated payment gateway: captures and refunds once per idempotency key; decline rules.
+
+Its book (`captured`, `refunded`) lists every capture and refund of an order,
+whatever its key, each with its amount: what a reconciliation would read.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from workflows.money import NANOS_PER_UNIT, Money
 
 logger = logging.getLogger(__name__)
 
-IDEMPOTENCY_KEY_REUSED = "IdempotencyKeyReused"  # not retryable: it would fail the same way
+# Not retryable: a retry would fail the same way.
+IDEMPOTENCY_KEY_REUSED = "IdempotencyKeyReused"
 
 
 def _lower(methods: frozenset[str]) -> frozenset[str]:
@@ -61,7 +66,7 @@ def _payment(effect: Effect) -> Payment:
 
 
 class PaymentGateway:
-    """Captures (`charges`) and refunds (`refunds`), by idempotency key."""
+    """Captures (`charges`) and refunds (`refunds`) by idempotency key; by order, `captured`..."""
 
     def __init__(self, settings: PaymentSettings, ledger: Ledger | None) -> None:
         self.settings = settings
@@ -75,6 +80,14 @@ class PaymentGateway:
     async def refund(self, input: RefundPaymentInput) -> str:
         """Refunds the payment, once per idempotency key; returns the refund id."""
         return await self._once(self.refunds, "RFD", input)
+
+    async def captured(self, order_id: str) -> list[Money]:
+        """The amount of every capture made for the order, under any key, oldest first."""
+        return [payment.amount for payment in await self.charges.of_order(order_id)]
+
+    async def refunded(self, order_id: str) -> list[Money]:
+        """The amount of every refund made for the order, under any key, oldest first."""
+        return [payment.amount for payment in await self.refunds.of_order(order_id)]
 
     async def _once(
         self,

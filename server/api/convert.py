@@ -128,6 +128,14 @@ def order_to_proto(state: models.OrderState) -> pb.Order:
         )
         if refund
         else None,
+        failures=[
+            pb.StepFailure(
+                step=failure.step,
+                error=failure.error,
+                failed_at=timestamp_from_datetime(failure.failed_at),
+            )
+            for failure in state.failures
+        ],
         estimated_delivery=_timestamp_or_none(state.estimated_delivery),
         delivered_at=_timestamp_or_none(state.delivered_at),
     )

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import (
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 from temporalio.service import RPCError
 
 from server.api import errors
 from server.platform.request_path import time_remaining
-from workflows import models
+from workflows import models, search_attributes
 
 # Our own deadline on a Temporal call runs this much past the rpc_timeout we
 # give temporalio, so its more specific error normally arrives first. It is
@@ -50,6 +55,9 @@ class OrderWorkflows:
 
     async def start(self, order: models.OrderInput) -> None:
         """Starts the order's workflow; WorkflowAlreadyStartedError if its id was ever used."""
+        total = models.order_total(order.items)
+        created_at = datetime.now(UTC)
+        order = dataclasses.replace(order, created_at=created_at)
         await within_deadline(
             self.rpc_timeout,
             lambda timeout: self._client.start_workflow(
@@ -61,6 +69,13 @@ class OrderWorkflows:
                 # start a second workflow even after the first has closed.
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                # Listable at once, before any worker has run the order's first task.
+                search_attributes=TypedSearchAttributes(
+                    search_attributes.for_listing(
+                        order.customer_id, models.OrderStatus.PENDING, created_at, total
+                    )
+                ),
+                memo={search_attributes.MEMO_TOTAL_AMOUNT: total},
                 rpc_timeout=timeout,
             ),
         )

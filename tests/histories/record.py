@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 
 from activities.order_activities import OrderActivities
@@ -61,6 +61,8 @@ SOLD_OUT = "PROD-SOLD-OUT"
 DECLINED_METHOD = "declined_card"
 # Long enough that a cancel sent once the order is PREPARING lands while packing.
 SLOW_PREPARE_SECONDS = 5.0
+# Long enough that a workflow cancel lands while the payment is captured.
+SLOW_PAYMENT_SECONDS = 3.0
 
 Handle = WorkflowHandle[object, OrderState]
 
@@ -86,17 +88,21 @@ def order_id_for(path: str) -> str:
 
 @dataclass(frozen=True)
 class Queues:
-    """One worker per simulation setting: instant, slow packing, flaky providers."""
+    """One worker per simulation setting."""
 
     instant: str
-    slow: str
-    flaky: str
+    slow: str  # packing takes SLOW_PREPARE_SECONDS
+    flaky: str  # one failed attempt of some steps
+    slow_payment: str  # a capture takes SLOW_PAYMENT_SECONDS
+    mail_down: str  # every email fails, as when the mail server is down
+    refunds_refused: str  # the gateway refuses refunds for good; packing is slow
 
 
 @dataclass(frozen=True)
 class Recorder:
     client: Client
     queues: Queues
+    outbox: str
 
     async def start(
         self,
@@ -250,6 +256,66 @@ async def workflow_cancelled(r: Recorder) -> Handle:
     return handle
 
 
+async def workflow_cancelled_while_charging(r: Recorder) -> Handle:
+    """`temporal workflow cancel` during the capture: it finishes (shielded), then is refunded."""
+    handle = await r.start("workflow_cancelled_while_charging", r.queues.slow_payment)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle)
+    await eventually(
+        handle.describe,
+        lambda d: any(
+            p.activity_type.name == "charge_payment" for p in d.raw_description.pending_activities
+        ),
+        within=10,
+        what="the capture under way",
+    )
+    await handle.cancel()
+    with contextlib.suppress(WorkflowFailureError):
+        await handle.result()
+    return handle
+
+
+async def mail_server_down(r: Recorder) -> Handle:
+    """No email can be sent: the order is delivered, hands its emails off, and closes."""
+    handle = await r.start("mail_server_down", r.queues.mail_down)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle)
+    await finished(handle, OrderStatus.DELIVERED)
+    return handle
+
+
+async def refund_refused(r: Recorder) -> Handle:
+    """Cancelled while packing, the refund refused for good: recorded; the release still runs."""
+    handle = await r.start("refund_refused", r.queues.refunds_refused)
+    await reaching(handle, OrderStatus.PENDING)
+    await pay(handle)
+    await reaching(handle, OrderStatus.PREPARING)
+    await cancel(handle)
+    state = await handle.result()
+    if [f.step for f in state.failures] != ["refund_payment"] or not state.inventory_info.released:
+        raise RuntimeError(f"{handle.id}: expected the refund recorded as failed, got {state}")
+    return handle
+
+
+def _timer_started(history: WorkflowHistory) -> bool:
+    return any(e.HasField("timer_started_event_attributes") for e in history.events)
+
+
+async def payment_and_timeout_in_one_task(r: Recorder) -> Handle:
+    """The payment timer fires and the payment arrives while no worker runs: one task for both."""
+    queue = "history-no-worker-for-a-while"
+    async with build_worker(r.client, queue, OrderActivities(ProviderSettings.instant(r.outbox))):
+        handle = await r.start("payment_and_timeout_in_one_task", queue, payment_timeout_seconds=2)
+        await eventually(handle.fetch_history, _timer_started, within=10, what="the payment timer")
+    await asyncio.sleep(3)  # the timer fires with nobody to run the workflow task
+    await pay(handle)
+    async with build_worker(r.client, queue, OrderActivities(ProviderSettings.instant(r.outbox))):
+        state = await handle.result()
+    if state.status not in (OrderStatus.DELIVERED, OrderStatus.CANCELLED):
+        raise RuntimeError(f"{handle.id} ended {state.status.value}")
+    return handle
+
+
 PATHS: dict[str, Callable[[Recorder], Awaitable[Handle]]] = {
     fn.__name__: fn
     for fn in (
@@ -262,6 +328,10 @@ PATHS: dict[str, Callable[[Recorder], Awaitable[Handle]]] = {
         wrong_and_duplicate_payments,
         transient_failures_retried,
         workflow_cancelled,
+        workflow_cancelled_while_charging,
+        mail_server_down,
+        refund_refused,
+        payment_and_timeout_in_one_task,
     )
 }
 
@@ -300,6 +370,17 @@ async def record(targets: dict[str, Path]) -> list[Path]:
                         {"reserve_inventory", "charge_payment", "ship_order"}
                     ),
                 ),
+                "slow_payment": instant(outbox, sim_payment_seconds=SLOW_PAYMENT_SECONDS),
+                "mail_down": instant(
+                    outbox,
+                    sim_failure_rate=1.0,
+                    sim_fail_activities=frozenset({"send_notification"}),
+                ),
+                "refunds_refused": instant(
+                    outbox,
+                    sim_prepare_seconds=SLOW_PREPARE_SECONDS,
+                    sim_fail_for_good=frozenset({"refund_payment"}),
+                ),
             }
             queues = Queues(**{name: f"history-{name}" for name in simulations})
             async with contextlib.AsyncExitStack() as workers:
@@ -307,7 +388,7 @@ async def record(targets: dict[str, Path]) -> list[Path]:
                     activities = OrderActivities(simulation)
                     worker = build_worker(env.client, getattr(queues, name), activities)
                     await workers.enter_async_context(worker)
-                recorder = Recorder(env.client, queues)
+                recorder = Recorder(env.client, queues, outbox)
                 handles = await asyncio.gather(*(PATHS[path](recorder) for path in paths))
                 written = []
                 for path, handle in zip(paths, handles, strict=True):

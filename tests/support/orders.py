@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 from google.type.money_pb2 import Money
-from temporalio.client import WorkflowHistory
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 
 from acme.orders.v1 import order_service_pb2 as pb
 
@@ -77,3 +78,28 @@ def activity_attempts(history: WorkflowHistory) -> dict[str, list[int]]:
             started = event.activity_task_started_event_attributes
             attempts[names[started.scheduled_event_id]].append(started.attempt)
     return dict(attempts)
+
+
+async def email_workflows(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """Waits until every email workflow of the order has closed; their histories.
+
+    The order hands each email to a workflow of its own and may close before they do.
+    """
+    order = client.get_workflow_handle(workflow_id)
+    with contextlib.suppress(WorkflowFailureError):  # cancelled or failed, the order has closed
+        await order.result()
+    history = await order.fetch_history()
+    histories = []
+    for event in history.events:
+        if event.HasField("child_workflow_execution_started_event_attributes"):
+            started = event.child_workflow_execution_started_event_attributes
+            email = client.get_workflow_handle(started.workflow_execution.workflow_id)
+            with contextlib.suppress(WorkflowFailureError):  # a recipient refused for good
+                await email.result()
+            histories.append(await email.fetch_history())
+    return histories
+
+
+def email_attempts(histories: list[WorkflowHistory]) -> list[int]:
+    """The attempt each email was sent (or refused for good) on."""
+    return [n for history in histories for n in activity_attempts(history)["send_notification"]]

@@ -8,6 +8,7 @@ own (the benchmark).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,3 +99,31 @@ async def order_reaching(
         lambda order: order.status == status,
         within=within,
     )
+
+
+WatchCall = grpc.aio.UnaryStreamCall[pb.WatchOrderRequest, pb.Order]
+
+
+def watch(stack: Stack, order_id: str, timeout: float | None = None) -> WatchCall:
+    """A WatchOrder stream on the stack's server."""
+    call: WatchCall = stack.stub.WatchOrder(
+        pb.WatchOrderRequest(order_id=order_id), timeout=timeout
+    )
+    return call
+
+
+async def next_message(call: WatchCall) -> pb.Order:
+    """The stream's next order (within a minute); fails if the stream ended."""
+    async with asyncio.timeout(60):
+        message = await call.read()
+    assert isinstance(message, pb.Order), "the stream ended"
+    return message
+
+
+async def rest_of(call: WatchCall) -> list[pb.Order]:
+    """Every message until the stream ends (it must end within a minute)."""
+    messages = []
+    async with asyncio.timeout(60):
+        while isinstance(message := await call.read(), pb.Order):
+            messages.append(message)
+    return messages

@@ -482,6 +482,7 @@ class Order(_message.Message):
     INVENTORY_INFO_FIELD_NUMBER: _builtins.int
     REJECTED_PAYMENTS_FIELD_NUMBER: _builtins.int
     DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order's identifier."""
     workflow_id: _builtins.str
@@ -548,6 +549,13 @@ class Order(_message.Message):
     def delivered_at(self) -> _timestamp_pb2.Timestamp:
         """When the order was delivered; unset until it is."""
 
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepFailure]:
+        """Steps that failed for good and need a person: a refund or a release that
+        could not be made (the rest of the compensation still ran), or shipping or
+        delivery after the parcel was handed to the carrier. Empty normally.
+        """
+
     def __init__(
         self,
         *,
@@ -572,14 +580,47 @@ class Order(_message.Message):
         inventory_info: Global___InventoryInfo | None = ...,
         rejected_payments: _abc.Iterable[Global___RejectedPayment] | None = ...,
         delivered_at: _timestamp_pb2.Timestamp | None = ...,
+        failures: _abc.Iterable[Global___StepFailure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "delivered_at", b"delivered_at", "estimated_delivery", b"estimated_delivery", "inventory_info", b"inventory_info", "payment_info", b"payment_info", "refund_info", b"refund_info", "shipment_info", b"shipment_info", "total_amount", b"total_amount", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancellation_reason", b"cancellation_reason", "created_at", b"created_at", "customer_email", b"customer_email", "customer_id", b"customer_id", "delivered_at", b"delivered_at", "estimated_delivery", b"estimated_delivery", "inventory_info", b"inventory_info", "items", b"items", "order_id", b"order_id", "payment_info", b"payment_info", "refund_info", b"refund_info", "rejected_payments", b"rejected_payments", "shipment_info", b"shipment_info", "shipping_address", b"shipping_address", "shipping_city", b"shipping_city", "shipping_country", b"shipping_country", "shipping_postal_code", b"shipping_postal_code", "status", b"status", "total_amount", b"total_amount", "updated_at", b"updated_at", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancellation_reason", b"cancellation_reason", "created_at", b"created_at", "customer_email", b"customer_email", "customer_id", b"customer_id", "delivered_at", b"delivered_at", "estimated_delivery", b"estimated_delivery", "failures", b"failures", "inventory_info", b"inventory_info", "items", b"items", "order_id", b"order_id", "payment_info", b"payment_info", "refund_info", b"refund_info", "rejected_payments", b"rejected_payments", "shipment_info", b"shipment_info", "shipping_address", b"shipping_address", "shipping_city", b"shipping_city", "shipping_country", b"shipping_country", "shipping_postal_code", b"shipping_postal_code", "status", b"status", "total_amount", b"total_amount", "updated_at", b"updated_at", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Order: _TypeAlias = Order  # noqa: Y015
+
+@_typing.final
+class StepFailure(_message.Message):
+    """A step of the order that failed for good."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    """The step, for example "refund_payment"."""
+    error: _builtins.str
+    """What the provider answered."""
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp:
+        """When it failed for good."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.str = ...,
+        error: _builtins.str = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "failed_at", b"failed_at", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepFailure: _TypeAlias = StepFailure  # noqa: Y015
 
 @_typing.final
 class PaymentInfo(_message.Message):
