@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 from pydantic import PrivateAttr, SecretStr, model_validator
-from temporalio.client import Client
+from temporalio.client import Client, PayloadLimitsConfig
 from temporalio.envconfig import (
     ClientConfigProfile,
     ClientConfigTLS,
@@ -155,6 +155,11 @@ class TemporalSettings(Options):
         return f"{profile.address} (namespace {profile.namespace}, {security})"
 
 
+# Well above an order's state (about 1 KiB; 16 KiB with 100 items), well below
+# the server's memo limit (2 MiB by default).
+MEMO_WARN_SIZE = 64 * 1024
+
+
 def _given(value: _T) -> _T | None:
     """None for what the CLI's variables leave when set empty ("" or the path ".")."""
     return None if value in ("", Path(".")) else value
@@ -170,7 +175,14 @@ async def connect(
     settings: TemporalSettings, *, lazy: bool = False, runtime: Runtime | None = None
 ) -> Client:
     """A client for the settings; lazy clients connect on first use (not for workers)."""
-    return await Client.connect(**settings.temporal_connect_config(), lazy=lazy, runtime=runtime)
+    return await Client.connect(
+        **settings.temporal_connect_config(),
+        lazy=lazy,
+        runtime=runtime,
+        # Orders keep their state in the memo (docs/decisions/0016): a few KiB is
+        # normal here, not the misuse the SDK's 2 KiB warning is for.
+        payload_limits=PayloadLimitsConfig(memo_warn_size=MEMO_WARN_SIZE),
+    )
 
 
 def bind_address(host: str, port: int) -> str:

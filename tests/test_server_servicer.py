@@ -21,6 +21,7 @@ from typing import TypeVar, cast
 import grpc
 import pytest
 import pytest_asyncio
+import temporalio.api.workflowservice.v1 as workflowservice
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -36,12 +37,12 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server.api import ids
 from server.platform.app import OrderServer, start_server
-from server.platform.health import TemporalHealthProber
+from server.platform.health import WORKERS, TemporalHealthProber
 from server.platform.settings import ServerSettings
 from tests.support.env import with_changes
 from tests.support.orders import money
 from tests.support.polling import eventually
-from workflows import models
+from workflows import models, search_attributes
 from workflows.money import Money
 
 M = TypeVar("M", bound=Message)
@@ -60,23 +61,25 @@ class FakeWorkflow:
     closed: bool = False
 
 
+@dataclass
+class FakeDescription:
+    """What DescribeWorkflowExecution returns: the state the workflow keeps in its memo."""
+
+    state: models.OrderState
+
+    async def memo_value(self, key: str, *, type_hint: object = None) -> models.OrderState:
+        assert key == search_attributes.MEMO_ORDER_STATE
+        return self.state
+
+
 class FakeHandle:
     def __init__(self, temporal: FakeTemporal, workflow_id: str) -> None:
         self._temporal = temporal
         self._workflow_id = workflow_id
 
-    async def query(
-        self, query: str, *, result_type: object = None, rpc_timeout: timedelta | None = None
-    ) -> object:
-        workflow = await self._temporal.call("query", rpc_timeout, self._workflow_id)
-        state = workflow.state
-        if query == models.GET_FULL_STATE_QUERY:
-            return copy.deepcopy(state)
-        if query == models.GET_ORDER_STATUS_QUERY:
-            return state.status.value
-        if query == models.GET_ESTIMATED_DELIVERY_QUERY:
-            return state.estimated_delivery
-        raise AssertionError(f"unexpected query {query}")
+    async def describe(self, *, rpc_timeout: timedelta | None = None) -> FakeDescription:
+        workflow = await self._temporal.call("describe", rpc_timeout, self._workflow_id)
+        return FakeDescription(copy.deepcopy(workflow.state))
 
     async def signal(
         self, signal: str, arg: object, *, rpc_timeout: timedelta | None = None
@@ -97,6 +100,8 @@ class FakeTemporal:
         self.failure: BaseException | None = None
         self.hang = False
         self.healthy = True
+        self.namespace = "default"
+        self.poller_seen_ago: timedelta | None = None  # None: no worker has polled
 
     @property
     def workflow_service(self) -> FakeTemporal:
@@ -106,6 +111,17 @@ class FakeTemporal:
         if not self.healthy:
             raise RPCError("tcp connect error", RPCStatusCode.UNAVAILABLE, b"")
         return object()
+
+    async def describe_task_queue(
+        self, request: workflowservice.DescribeTaskQueueRequest, **kwargs: object
+    ) -> workflowservice.DescribeTaskQueueResponse:
+        assert request.task_queue.name == CONFIG.task_queue
+        response = workflowservice.DescribeTaskQueueResponse()
+        if self.poller_seen_ago is not None:
+            response.pollers.add().last_access_time.FromDatetime(
+                datetime.now(UTC) - self.poller_seen_ago
+            )
+        return response
 
     async def call(
         self, kind: str, rpc_timeout: timedelta | None, workflow_id: str
@@ -412,7 +428,7 @@ async def test_an_order_that_closes_before_the_signal_fails_the_precondition(
     harness: Harness,
 ) -> None:
     created = await create(harness)
-    harness.temporal.order(created.order_id).closed = True  # the query still sees PENDING
+    harness.temporal.order(created.order_id).closed = True  # the memo still says PENDING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.stub.ConfirmPayment(pay(created.order_id))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -615,7 +631,10 @@ async def test_health_follows_temporal() -> None:
     temporal = FakeTemporal()
     temporal.healthy = False
     prober = TemporalHealthProber(
-        cast(Client, temporal), ["acme.orders.v1.OrderService"], interval=timedelta(milliseconds=20)
+        cast(Client, temporal),
+        ["acme.orders.v1.OrderService"],
+        CONFIG.task_queue,
+        interval=timedelta(milliseconds=20),
     )
     health = prober.health
 
@@ -635,8 +654,18 @@ async def test_health_follows_temporal() -> None:
         temporal.healthy = True
         await becomes("acme.orders.v1.OrderService", health_pb2.HealthCheckResponse.SERVING)
         await becomes("", health_pb2.HealthCheckResponse.SERVING)
+        # The API serves without a worker; "workers" says whether one polls.
+        assert await status(WORKERS) == health_pb2.HealthCheckResponse.NOT_SERVING
+        temporal.poller_seen_ago = timedelta(seconds=1)
+        await becomes(WORKERS, health_pb2.HealthCheckResponse.SERVING)
+        temporal.poller_seen_ago = timedelta(seconds=80)  # a worker that died
+        await becomes(WORKERS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert await status("") == health_pb2.HealthCheckResponse.SERVING
+        temporal.poller_seen_ago = timedelta(seconds=1)
+        await becomes(WORKERS, health_pb2.HealthCheckResponse.SERVING)
         temporal.healthy = False
         await becomes("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await becomes(WORKERS, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         await prober.stop()
     assert await status("") == health_pb2.HealthCheckResponse.NOT_SERVING

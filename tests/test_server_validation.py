@@ -261,6 +261,13 @@ BAD_CREATES: list[tuple[str, pb.CreateOrderRequest, str, str]] = [
     ("email without domain dot", create(customer_email="a@b"), "customer_email", "INVALID_FORMAT"),
     ("email with space", create(customer_email="a b@c.de"), "customer_email", "INVALID_FORMAT"),
     ("email with two @", create(customer_email="a@b@c.de"), "customer_email", "INVALID_FORMAT"),
+    # The stdlib parser raises HeaderParseError, not ValueError, on this one.
+    (
+        "email with \\ in domain",
+        create(customer_email="a@b.\\.com"),
+        "customer_email",
+        "INVALID_FORMAT",
+    ),
     ("long email", create(customer_email="a" * 250 + "@b.de"), "customer_email", "TOO_LONG"),
 ]
 

@@ -182,6 +182,22 @@ class OrderState:
     failures: list[StepFailure] = field(default_factory=list)
 
 
+def initial_state(order: OrderInput, created_at: datetime) -> OrderState:
+    """A new order's state: the workflow's first, and the one the server records at its start."""
+    return OrderState(
+        order_id=order.order_id,
+        customer_id=order.customer_id,
+        customer_email=order.customer_email,
+        items=list(order.items),
+        shipping=order.shipping,
+        status=OrderStatus.PENDING,
+        total_amount=order_total(order.items),
+        created_at=created_at,
+        updated_at=created_at,
+        request_fingerprint=order.request_fingerprint,
+    )
+
+
 # --- Activity inputs and results ---------------------------------------------
 
 

@@ -54,7 +54,7 @@ with workflow.unsafe.imports_passed_through():
         ShipmentInfo,
         ShipOrderInput,
         StepFailure,
-        order_total,
+        initial_state,
     )
     from workflows.notification_workflow import NotificationWorkflow
     from workflows.rules import cancellation_refusal, payment_refusal
@@ -99,6 +99,7 @@ EMAIL_GRACE = timedelta(seconds=10)
 # Patches (docs/decisions/0008): what orders started before a change still replay.
 EMAILS_HANDED_OFF = "emails-handed-off"
 CANCEL_STEP_ON_WORKFLOW_CANCEL = "cancel-step-on-workflow-cancel"
+STATE_IN_MEMO = "state-in-memo"
 
 
 def _options(
@@ -156,20 +157,12 @@ def _describe_timeout(seconds: int) -> str:
 class OrderWorkflow:
     @workflow.init
     def __init__(self, order: OrderInput) -> None:
-        now = order.created_at or workflow.info().start_time
         self._order = order
-        self._state = OrderState(
-            order_id=order.order_id,
-            customer_id=order.customer_id,
-            customer_email=order.customer_email,
-            items=list(order.items),
-            shipping=order.shipping,
-            status=OrderStatus.PENDING,
-            total_amount=order_total(order.items),
-            created_at=now,
-            updated_at=now,
-            request_fingerprint=order.request_fingerprint,
-        )
+        self._state = initial_state(order, order.created_at or workflow.info().start_time)
+        # Whether the state is kept in the memo (orders started before that keep
+        # none), and whether it changed since it was last written there.
+        self._state_in_memo = False
+        self._unsaved = False
         # What the cancel signal recorded; the run loop acts on it. An accepted
         # payment is recorded in the state itself (payment_info), uncaptured
         # until _charged.
@@ -233,6 +226,9 @@ class OrderWorkflow:
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderState:
+        if workflow.patched(STATE_IN_MEMO):
+            self._state_in_memo = True
+            saver = asyncio.create_task(self._keep_state_in_memo())
         try:
             await self._process()
         except asyncio.CancelledError:
@@ -243,10 +239,24 @@ class OrderWorkflow:
             if not self._handed_to_carrier:
                 await self._compensate()
         await self._await_emails()
+        if self._state_in_memo:
+            saver.cancel()
+            self._save_state()  # the last change, in this last workflow task
         if self._workflow_cancelled:
             raise asyncio.CancelledError(WORKFLOW_CANCELLED_REASON)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self._state
+
+    async def _keep_state_in_memo(self) -> None:
+        """Writes the state to the memo once per workflow task that changed it."""
+        while True:
+            await workflow.wait_condition(lambda: self._unsaved)
+            self._save_state()
+
+    def _save_state(self) -> None:
+        if self._unsaved:
+            self._unsaved = False
+            workflow.upsert_memo({search_attributes.MEMO_ORDER_STATE: self._state})
 
     async def _process(self) -> None:
         """The seed's steps. Until the parcel ships, a step that ends the order returns False."""
@@ -572,3 +582,4 @@ class OrderWorkflow:
 
     def _touch(self) -> None:
         self._state.updated_at = workflow.now()
+        self._unsaved = self._state_in_memo

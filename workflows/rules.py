@@ -3,6 +3,7 @@
 import functools
 import re
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.headerregistry import Address
 from enum import StrEnum
 
@@ -140,5 +141,5 @@ def parse_email_address(text: str) -> Address:
         raise InvalidEmailAddress(f"not a single email address: {text!r}")
     try:
         return Address(addr_spec=text)
-    except (ValueError, IndexError) as err:
+    except (ValueError, IndexError, HeaderParseError) as err:
         raise InvalidEmailAddress(f"not a valid email address: {text!r}") from err

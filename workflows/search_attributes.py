@@ -28,6 +28,9 @@ ALL: list[SearchAttributeKey[Any]] = [
 
 # The memo key holding the exact total (a Money), returned with list results.
 MEMO_TOTAL_AMOUNT = "total_amount"
+# The memo key holding the order's whole state (an OrderState), as of the
+# workflow's last completed task: what reads answer from, with no worker needed.
+MEMO_ORDER_STATE = "order"
 
 
 def dev_server_flags() -> list[str]:

@@ -1,6 +1,7 @@
 """The OrderService RPCs, each read as validate, call Temporal, convert; no order state lives here.
 
-Writes query first only to answer clearly; the workflow judges again (docs/decisions/0001).
+Reads, and writes' clear answers, use the state the workflow keeps in its memo: no worker
+needed; the workflow judges every write again (docs/decisions/0016).
 """
 
 from __future__ import annotations
@@ -134,14 +135,16 @@ class OrderService(pb_grpc.OrderServiceServicer):
         self, request: pb.GetOrderStatusRequest, context: _Context
     ) -> pb.GetOrderStatusResponse:
         order_id = validation.validate_order_id(request.order_id)
-        status = await self._orders.status(order_id)
-        return pb.GetOrderStatusResponse(order_id=order_id, status=convert.status_to_proto(status))
+        state = await self._orders.state(order_id)
+        return pb.GetOrderStatusResponse(
+            order_id=order_id, status=convert.status_to_proto(state.status)
+        )
 
     async def GetEstimatedDelivery(
         self, request: pb.GetEstimatedDeliveryRequest, context: _Context
     ) -> pb.GetEstimatedDeliveryResponse:
         order_id = validation.validate_order_id(request.order_id)
-        estimated = await self._orders.estimated_delivery(order_id)
+        estimated = (await self._orders.state(order_id)).estimated_delivery
         response = pb.GetEstimatedDeliveryResponse(order_id=order_id)
         if estimated is not None:
             response.estimated_delivery.CopyFrom(convert.timestamp_from_datetime(estimated))

@@ -147,7 +147,7 @@ async def start_server(settings: ServerSettings, client: Client | None = None) -
     )
     pb_grpc.add_OrderServiceServicer_to_server(service, server)
     # NOT_SERVING before the first RPC can arrive, until Temporal answers a probe.
-    prober = TemporalHealthProber(client, [SERVICE_NAME])
+    prober = TemporalHealthProber(client, [SERVICE_NAME], settings.task_queue)
     health_pb2_grpc.add_HealthServicer_to_server(prober.health, server)
     if settings.reflection:
         enable_reflection(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.common.v1 import Payload, WorkflowExecution
 from temporalio.api.enums.v1 import EventType, WorkflowExecutionStatus
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import (
@@ -23,7 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import convert, errors
 from server.temporal.orders import TIMEOUT_SLACK_SECONDS
-from workflows import models, rules
+from workflows import models, rules, search_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class _SharedWatch:
     async def _follow(self) -> None:
         run_id = ""  # "": whichever run is current when the first read arrives
         token = b""
+        in_memo = False  # whether the order keeps its state in the memo (not the oldest ones)
         while True:
             response = await self._poll(run_id, token)
             if response is None:
@@ -134,14 +135,23 @@ class _SharedWatch:
                     logger.debug("Order %s goes on in run %s", self.order_id, next_run)
                     run_id, token = next_run, b""
                     continue
-            if closed or any(
-                event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
-                for event in response.history.events
+            # The state as the last workflow task in these events left it, from the
+            # memo: no query needed. (Catching up, the earlier states are history.)
+            state = None
+            if (latest := _latest_memo_state(response.history.events)) is not None:
+                state, in_memo = await self._decode(latest), True
+            elif not in_memo and (
+                closed
+                or any(
+                    event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+                    for event in response.history.events
+                )
             ):
                 state = await self._query()
+            if state is not None:
                 self._publish(convert.order_to_proto(state))
-                if closed or rules.is_settled(state):
-                    return
+            if closed or (state is not None and rules.is_settled(state)):
+                return
 
     async def _poll(self, run_id: str, token: bytes) -> GetWorkflowExecutionHistoryResponse | None:
         """The run's next events (from its start when token is empty); None if our timeout
@@ -195,7 +205,13 @@ class _SharedWatch:
             return current.execution.run_id
         return ""  # closed for good: its last state is the order's final one
 
+    async def _decode(self, payload: Payload) -> models.OrderState:
+        [state] = await self._client.data_converter.decode([payload], [models.OrderState])
+        assert isinstance(state, models.OrderState)
+        return state
+
     async def _query(self) -> models.OrderState:
+        """The state from the workflow, for orders started before it was kept in the memo."""
         handle = self._client.get_workflow_handle(models.workflow_id_for(self.order_id))
         seconds = self._query_timeout.total_seconds() + TIMEOUT_SLACK_SECONDS
         async with asyncio.timeout(seconds):
@@ -221,6 +237,20 @@ class _SharedWatch:
         for subscription in self._subscriptions:
             subscription.push(end)
         self._on_end(self)
+
+
+def _latest_memo_state(events: Sequence[HistoryEvent]) -> Payload | None:
+    """The last order state the events carry: the start's memo or an upsert of it."""
+    for event in reversed(events):
+        if event.HasField("workflow_properties_modified_event_attributes"):
+            fields = event.workflow_properties_modified_event_attributes.upserted_memo.fields
+        elif event.HasField("workflow_execution_started_event_attributes"):
+            fields = event.workflow_execution_started_event_attributes.memo.fields
+        else:
+            continue
+        if search_attributes.MEMO_ORDER_STATE in fields:
+            return fields[search_attributes.MEMO_ORDER_STATE]
+    return None
 
 
 def _named_next_run(closing: HistoryEvent | None) -> str:

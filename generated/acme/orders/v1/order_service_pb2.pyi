@@ -4,9 +4,14 @@ isort:skip_file
 The order-processing API: a gRPC front for the Temporal order workflow.
 
 Every order is one Temporal workflow (id `order-<order_id>`). Writes
-(ConfirmPayment, CancelOrder) become the workflow's signals; reads
-(GetOrder, GetOrderStatus, GetEstimatedDelivery) are its queries and keep
-working after the order has closed.
+(ConfirmPayment, CancelOrder) become the workflow's signals, which Temporal
+records even while no worker runs. Reads (GetOrder, GetOrderStatus,
+GetEstimatedDelivery, WatchOrder) return the state the workflow keeps in its
+memo: the order as of its workflow's last completed task. That is
+milliseconds behind while a worker runs, and as old as the last task while
+none does (health service "workers" says which); a write just accepted
+shows once the workflow has processed it. Reads keep working after the
+order has closed.
 """
 
 from collections import abc as _abc

@@ -31,6 +31,7 @@ class OrderServiceStub:
     `google.rpc.BadRequest`) for malformed requests, NOT_FOUND for an unknown
     order, FAILED_PRECONDITION (with `google.rpc.PreconditionFailure`) when the
     order's state forbids the call, UNAVAILABLE when Temporal cannot be reached.
+    No RPC waits for a worker.
     """
 
     def __init__(self, channel):
@@ -87,6 +88,7 @@ class OrderServiceServicer:
     `google.rpc.BadRequest`) for malformed requests, NOT_FOUND for an unknown
     order, FAILED_PRECONDITION (with `google.rpc.PreconditionFailure`) when the
     order's state forbids the call, UNAVAILABLE when Temporal cannot be reached.
+    No RPC waits for a worker.
     """
 
     def CreateOrder(self, request, context):
@@ -101,7 +103,10 @@ class OrderServiceServicer:
     def ConfirmPayment(self, request, context):
         """Confirms the payment of a pending order (the `confirm_payment` signal).
         The amount must equal the order's total, in the same currency. Sending
-        the same `transaction_id` again is a no-op.
+        the same `transaction_id` again is a no-op. Judged first against the
+        order's last recorded state; a payment that only the workflow can judge
+        (a second transaction it has not processed yet) is accepted, and if the
+        order refuses it, it shows in `Order.rejected_payments`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,28 +114,31 @@ class OrderServiceServicer:
 
     def CancelOrder(self, request, context):
         """Cancels an order that has not shipped yet (the `cancel_order` signal).
-        A paid order is refunded; reserved inventory is released.
+        A paid order is refunded; reserved inventory is released. A cancel that
+        arrives as the parcel is handed to the carrier is accepted here and
+        refused by the order: it then goes on to delivery.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetOrder(self, request, context):
-        """Returns the whole order (the `get_full_state` query).
+        """Returns the whole order, as of its workflow's last completed task (the
+        same state the `get_full_state` query returns, read with no worker).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetOrderStatus(self, request, context):
-        """Returns only the order's status (the `get_order_status` query).
+        """Returns only the order's status, as GetOrder does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetEstimatedDelivery(self, request, context):
-        """Returns the estimated delivery time (the `get_estimated_delivery` query).
+        """Returns the estimated delivery time, as GetOrder does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,6 +219,7 @@ class OrderService:
     `google.rpc.BadRequest`) for malformed requests, NOT_FOUND for an unknown
     order, FAILED_PRECONDITION (with `google.rpc.PreconditionFailure`) when the
     order's state forbids the call, UNAVAILABLE when Temporal cannot be reached.
+    No RPC waits for a worker.
     """
 
     @staticmethod

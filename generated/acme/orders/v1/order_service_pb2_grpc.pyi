@@ -4,9 +4,14 @@ isort:skip_file
 The order-processing API: a gRPC front for the Temporal order workflow.
 
 Every order is one Temporal workflow (id `order-<order_id>`). Writes
-(ConfirmPayment, CancelOrder) become the workflow's signals; reads
-(GetOrder, GetOrderStatus, GetEstimatedDelivery) are its queries and keep
-working after the order has closed.
+(ConfirmPayment, CancelOrder) become the workflow's signals, which Temporal
+records even while no worker runs. Reads (GetOrder, GetOrderStatus,
+GetEstimatedDelivery, WatchOrder) return the state the workflow keeps in its
+memo: the order as of its workflow's last completed task. That is
+milliseconds behind while a worker runs, and as old as the last task while
+none does (health service "workers" says which); a write just accepted
+shows once the workflow has processed it. Reads keep working after the
+order has closed.
 """
 
 from acme.orders.v1 import order_service_pb2 as _order_service_pb2
@@ -38,6 +43,7 @@ class OrderServiceStub:
     `google.rpc.BadRequest`) for malformed requests, NOT_FOUND for an unknown
     order, FAILED_PRECONDITION (with `google.rpc.PreconditionFailure`) when the
     order's state forbids the call, UNAVAILABLE when Temporal cannot be reached.
+    No RPC waits for a worker.
     """
 
     @_typing.overload
@@ -52,18 +58,25 @@ class OrderServiceStub:
     ConfirmPayment: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.ConfirmPaymentRequest, _order_service_pb2.ConfirmPaymentResponse]
     """Confirms the payment of a pending order (the `confirm_payment` signal).
     The amount must equal the order's total, in the same currency. Sending
-    the same `transaction_id` again is a no-op.
+    the same `transaction_id` again is a no-op. Judged first against the
+    order's last recorded state; a payment that only the workflow can judge
+    (a second transaction it has not processed yet) is accepted, and if the
+    order refuses it, it shows in `Order.rejected_payments`.
     """
     CancelOrder: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.CancelOrderRequest, _order_service_pb2.CancelOrderResponse]
     """Cancels an order that has not shipped yet (the `cancel_order` signal).
-    A paid order is refunded; reserved inventory is released.
+    A paid order is refunded; reserved inventory is released. A cancel that
+    arrives as the parcel is handed to the carrier is accepted here and
+    refused by the order: it then goes on to delivery.
     """
     GetOrder: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.GetOrderRequest, _order_service_pb2.Order]
-    """Returns the whole order (the `get_full_state` query)."""
+    """Returns the whole order, as of its workflow's last completed task (the
+    same state the `get_full_state` query returns, read with no worker).
+    """
     GetOrderStatus: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.GetOrderStatusRequest, _order_service_pb2.GetOrderStatusResponse]
-    """Returns only the order's status (the `get_order_status` query)."""
+    """Returns only the order's status, as GetOrder does."""
     GetEstimatedDelivery: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.GetEstimatedDeliveryRequest, _order_service_pb2.GetEstimatedDeliveryResponse]
-    """Returns the estimated delivery time (the `get_estimated_delivery` query)."""
+    """Returns the estimated delivery time, as GetOrder does."""
     ListOrders: _grpc.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]
     """Lists orders, newest first, optionally filtered by customer, status and
     creation time. Paged as in AIP-158. Served from Temporal's visibility
@@ -82,6 +95,7 @@ class OrderServiceAsyncStub(OrderServiceStub):
     `google.rpc.BadRequest`) for malformed requests, NOT_FOUND for an unknown
     order, FAILED_PRECONDITION (with `google.rpc.PreconditionFailure`) when the
     order's state forbids the call, UNAVAILABLE when Temporal cannot be reached.
+    No RPC waits for a worker.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -93,18 +107,25 @@ class OrderServiceAsyncStub(OrderServiceStub):
     ConfirmPayment: _aio.UnaryUnaryMultiCallable[_order_service_pb2.ConfirmPaymentRequest, _order_service_pb2.ConfirmPaymentResponse]  # type: ignore[assignment]
     """Confirms the payment of a pending order (the `confirm_payment` signal).
     The amount must equal the order's total, in the same currency. Sending
-    the same `transaction_id` again is a no-op.
+    the same `transaction_id` again is a no-op. Judged first against the
+    order's last recorded state; a payment that only the workflow can judge
+    (a second transaction it has not processed yet) is accepted, and if the
+    order refuses it, it shows in `Order.rejected_payments`.
     """
     CancelOrder: _aio.UnaryUnaryMultiCallable[_order_service_pb2.CancelOrderRequest, _order_service_pb2.CancelOrderResponse]  # type: ignore[assignment]
     """Cancels an order that has not shipped yet (the `cancel_order` signal).
-    A paid order is refunded; reserved inventory is released.
+    A paid order is refunded; reserved inventory is released. A cancel that
+    arrives as the parcel is handed to the carrier is accepted here and
+    refused by the order: it then goes on to delivery.
     """
     GetOrder: _aio.UnaryUnaryMultiCallable[_order_service_pb2.GetOrderRequest, _order_service_pb2.Order]  # type: ignore[assignment]
-    """Returns the whole order (the `get_full_state` query)."""
+    """Returns the whole order, as of its workflow's last completed task (the
+    same state the `get_full_state` query returns, read with no worker).
+    """
     GetOrderStatus: _aio.UnaryUnaryMultiCallable[_order_service_pb2.GetOrderStatusRequest, _order_service_pb2.GetOrderStatusResponse]  # type: ignore[assignment]
-    """Returns only the order's status (the `get_order_status` query)."""
+    """Returns only the order's status, as GetOrder does."""
     GetEstimatedDelivery: _aio.UnaryUnaryMultiCallable[_order_service_pb2.GetEstimatedDeliveryRequest, _order_service_pb2.GetEstimatedDeliveryResponse]  # type: ignore[assignment]
-    """Returns the estimated delivery time (the `get_estimated_delivery` query)."""
+    """Returns the estimated delivery time, as GetOrder does."""
     ListOrders: _aio.UnaryUnaryMultiCallable[_order_service_pb2.ListOrdersRequest, _order_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists orders, newest first, optionally filtered by customer, status and
     creation time. Paged as in AIP-158. Served from Temporal's visibility
@@ -122,6 +143,7 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     `google.rpc.BadRequest`) for malformed requests, NOT_FOUND for an unknown
     order, FAILED_PRECONDITION (with `google.rpc.PreconditionFailure`) when the
     order's state forbids the call, UNAVAILABLE when Temporal cannot be reached.
+    No RPC waits for a worker.
     """
 
     @_abc_1.abstractmethod
@@ -143,7 +165,10 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_order_service_pb2.ConfirmPaymentResponse, _abc.Awaitable[_order_service_pb2.ConfirmPaymentResponse]]:
         """Confirms the payment of a pending order (the `confirm_payment` signal).
         The amount must equal the order's total, in the same currency. Sending
-        the same `transaction_id` again is a no-op.
+        the same `transaction_id` again is a no-op. Judged first against the
+        order's last recorded state; a payment that only the workflow can judge
+        (a second transaction it has not processed yet) is accepted, and if the
+        order refuses it, it shows in `Order.rejected_payments`.
         """
 
     @_abc_1.abstractmethod
@@ -153,7 +178,9 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_order_service_pb2.CancelOrderResponse, _abc.Awaitable[_order_service_pb2.CancelOrderResponse]]:
         """Cancels an order that has not shipped yet (the `cancel_order` signal).
-        A paid order is refunded; reserved inventory is released.
+        A paid order is refunded; reserved inventory is released. A cancel that
+        arrives as the parcel is handed to the carrier is accepted here and
+        refused by the order: it then goes on to delivery.
         """
 
     @_abc_1.abstractmethod
@@ -162,7 +189,9 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_service_pb2.GetOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_service_pb2.Order, _abc.Awaitable[_order_service_pb2.Order]]:
-        """Returns the whole order (the `get_full_state` query)."""
+        """Returns the whole order, as of its workflow's last completed task (the
+        same state the `get_full_state` query returns, read with no worker).
+        """
 
     @_abc_1.abstractmethod
     def GetOrderStatus(
@@ -170,7 +199,7 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_service_pb2.GetOrderStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_service_pb2.GetOrderStatusResponse, _abc.Awaitable[_order_service_pb2.GetOrderStatusResponse]]:
-        """Returns only the order's status (the `get_order_status` query)."""
+        """Returns only the order's status, as GetOrder does."""
 
     @_abc_1.abstractmethod
     def GetEstimatedDelivery(
@@ -178,7 +207,7 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_service_pb2.GetEstimatedDeliveryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_service_pb2.GetEstimatedDeliveryResponse, _abc.Awaitable[_order_service_pb2.GetEstimatedDeliveryResponse]]:
-        """Returns the estimated delivery time (the `get_estimated_delivery` query)."""
+        """Returns the estimated delivery time, as GetOrder does."""
 
     @_abc_1.abstractmethod
     def ListOrders(
