@@ -30,7 +30,7 @@ from server.platform.settings import ServerSettings
 from tests.support.money import assert_money_moved
 from tests.support.orders import LAPTOP_PRICE, create_request, money
 from tests.support.polling import eventually
-from tests.support.stack import async_stub
+from tests.support.stack import async_stub, next_message, rest_of
 from worker.app import build_worker
 from workflows.money import Money
 
@@ -115,6 +115,8 @@ async def test_writes_and_reads_need_no_worker_and_orders_act_on_them_when_one_r
 
         # Reads answer from the last recorded state, which has not seen the writes yet.
         await read_everything(stub, paid.order_id, S.ORDER_STATUS_PENDING)
+        watching = stub.WatchOrder(pb.WatchOrderRequest(order_id=paid.order_id))
+        assert (await answer(next_message(watching))).status == S.ORDER_STATUS_PENDING
 
         activities = OrderActivities(ProviderSettings.instant(tmp_path))
         async with build_worker(temporal.client, server.settings.task_queue, activities):
@@ -123,6 +125,8 @@ async def test_writes_and_reads_need_no_worker_and_orders_act_on_them_when_one_r
             )
             for created in (paid, twice, cancelled):
                 await temporal.client.get_workflow_handle(created.workflow_id).result()
+            # The watch opened with no worker follows the order to its end.
+            assert (await rest_of(watching))[-1].status == S.ORDER_STATUS_DELIVERED
 
         # The worker is gone again; the orders ended as the writes said.
         final = await read_everything(stub, paid.order_id, S.ORDER_STATUS_DELIVERED)

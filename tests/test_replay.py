@@ -170,14 +170,18 @@ PATH_EVIDENCE: dict[str, Callable[[Sequence[HistoryEvent]], bool]] = {
         and has(ev, COMPLETED)
     ),
     # The payment timer fires, and the payment arrives, before one and the same workflow task.
-    "payment_and_timeout_in_one_task": lambda ev: any(
-        first.HasField("timer_fired_event_attributes")
-        and any(
-            e.HasField("workflow_execution_signaled_event_attributes") for e in ev[i + 1 : i + 3]
-        )
-        for i, first in enumerate(ev)
+    "payment_and_timeout_in_one_task": lambda ev: one_task_sees_both(
+        ev, "timer_fired_event_attributes", "workflow_execution_signaled_event_attributes"
     ),
 }
+
+
+def one_task_sees_both(events: Sequence[HistoryEvent], first: str, second: str) -> bool:
+    """Whether the first `first` event and the first `second` one reach the workflow
+    in one task: no workflow task starts between them."""
+    found = [next((i for i, e in enumerate(events) if has([e], a)), -1) for a in (first, second)]
+    low, high = sorted(found)
+    return low >= 0 and not has(events[low:high], "workflow_task_started_event_attributes")
 
 
 def children_started(events: Sequence[HistoryEvent]) -> list[str]:
