@@ -104,6 +104,7 @@ mutate: install
 ## (about 10 minutes; ARGS=--quick for a sanity run); writes docs/performance/.
 bench: install
 	$(PY) -m tests.bench.benchmark --temporal-tuning="$(TEMPORAL_TUNING)" $(ARGS)
+	$(PY) -m tests.bench.call_counts
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -19,19 +19,17 @@ without `-s`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 import temporalio.api.enums.v1 as enums
-from temporalio.client import WorkflowExecutionStatus
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
@@ -44,14 +42,17 @@ from tests.support.cluster import (
     Outcome,
     ServerProcess,
     Simulation,
+    all_closed,
+    all_waiting_for_payment,
     audit_ledger,
+    check_final_states,
     health,
     kill_strays,
     open_cluster,
+    refund_ids,
 )
 from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
-from workflows.models import workflow_id_for
 
 SERVING = 1
 NOT_SERVING = 2
@@ -59,12 +60,6 @@ WORKFLOW_QUEUE = enums.TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 TERMINAL = {pb.ORDER_STATUS_DELIVERED, pb.ORDER_STATUS_CANCELLED}
-OUTCOME_STATUS = {
-    Outcome.DELIVERED: pb.ORDER_STATUS_DELIVERED,
-    Outcome.CANCELLED_UNPAID: pb.ORDER_STATUS_CANCELLED,
-    Outcome.CANCELLED_REFUNDED: pb.ORDER_STATUS_CANCELLED,
-}
-
 
 # --- Figures and clean-up -----------------------------------------------------------------
 
@@ -161,26 +156,6 @@ async def all_reaching(
     )
 
 
-async def all_waiting_for_payment(
-    client: FailoverClient, order_ids: Sequence[str], *, within: float
-) -> None:
-    """Until every order is PENDING with its inventory reserved (it is PENDING from the start)."""
-    await asyncio.gather(
-        *(
-            eventually(
-                functools.partial(client.get, order_id),
-                lambda order: (
-                    order.status == pb.ORDER_STATUS_PENDING
-                    and bool(order.inventory_info.reservation_id)
-                ),
-                within=within,
-                what=f"{order_id} reserved and waiting for payment",
-            )
-            for order_id in order_ids
-        )
-    )
-
-
 async def in_flight(ledger: Ledger, kind: EffectKind, pid: int) -> set[str]:
     """Keys `pid` is calling the provider about right now: attempted, with no effect yet."""
     done = {e.key for e in await ledger.effects(kind)}
@@ -221,61 +196,6 @@ async def timed(call: Awaitable[object]) -> tuple[str, float]:
 
 def since(started: float) -> float:
     return time.monotonic() - started
-
-
-def check_final_states(
-    orders: dict[str, pb.Order], outcomes: dict[str, Outcome], refund_ids: dict[str, str]
-) -> list[str]:
-    """What GetOrder shows, against each order's expected outcome."""
-    problems = []
-    for order_id, outcome in outcomes.items():
-        order = orders[order_id]
-        status = pb.OrderStatus.Name(order.status)
-        if order.status != OUTCOME_STATUS[outcome]:
-            problems.append(f"{order_id}: {status}, expected {outcome.value}")
-            continue
-        if order.rejected_payments:
-            problems.append(f"{order_id}: payments rejected: {list(order.rejected_payments)}")
-        if not order.inventory_info.reservation_id:
-            problems.append(f"{order_id}: no reservation")
-        cancelled = outcome is not Outcome.DELIVERED
-        if order.inventory_info.released != cancelled:
-            problems.append(f"{order_id}: inventory released={order.inventory_info.released}")
-        if outcome is Outcome.DELIVERED and not (
-            order.delivered_at.seconds and order.shipment_info.tracking_number
-        ):
-            problems.append(f"{order_id}: delivered without shipment or delivery time")
-        refunded = order.refund_info.refund_id
-        if refunded != refund_ids.get(order_id, ""):
-            problems.append(
-                f"{order_id}: refund {refunded!r} shown, ledger has {refund_ids.get(order_id)!r}"
-            )
-        paid = outcome is not Outcome.CANCELLED_UNPAID
-        if bool(order.payment_info.transaction_id) != paid:
-            problems.append(f"{order_id}: payment_info {order.payment_info}")
-    return problems
-
-
-async def refund_ids(ledger: Ledger) -> dict[str, str]:
-    return {e.order_id: e.result for e in await ledger.effects(EffectKind.REFUND)}
-
-
-async def all_closed(cluster: Cluster, order_ids: Iterable[str], *, within: float) -> None:
-    """Until Temporal reports every order's workflow as completed."""
-    temporal = await cluster.client()
-    completed = WorkflowExecutionStatus.COMPLETED
-
-    async def closed(order_id: str) -> None:
-        handle = temporal.get_workflow_handle(workflow_id_for(order_id))
-        await eventually(
-            handle.describe,
-            lambda d: d.status == completed,
-            within=within,
-            interval=0.5,
-            what=f"{order_id}'s workflow completed",
-        )
-
-    await asyncio.gather(*(closed(o) for o in order_ids))
 
 
 async def verify(

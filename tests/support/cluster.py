@@ -27,6 +27,8 @@ Also here:
 - `audit_ledger`: the providers' ledger (ORDER_SIM_LEDGER, shared by every
   worker of the cluster) against the orders' outcomes: one charge per paid
   order, one refund per order cancelled after capture, and so on;
+- `all_waiting_for_payment`, `all_closed`, `check_final_states`: the orders'
+  progress and their end states as GetOrder shows them, for the fault tests;
 - `Cluster.stack()`: a worker and a server of the cluster as a `Stack`
   (tests/support/stack.py), the view the in-process stacks give.
 """
@@ -45,7 +47,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
@@ -57,7 +59,7 @@ import temporalio.api.enums.v1 as enums
 import temporalio.api.taskqueue.v1 as taskqueue
 import temporalio.api.workflowservice.v1 as workflowservice
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
@@ -68,7 +70,7 @@ from tests.support.polling import eventually
 from tests.support.proxy import Proxy
 from tests.support.stack import Stack, async_stub
 from workflows import search_attributes
-from workflows.models import NotificationKind
+from workflows.models import NotificationKind, workflow_id_for
 from workflows.money import Money
 
 SERVICE_NAME = "acme.orders.v1.OrderService"
@@ -849,4 +851,88 @@ def _check_outbox(
             found = match.group(1).decode() if match else None
             if found != effect.result:
                 problems.append(f"{order_id}: outbox Message-ID {found} != ledger {effect.result}")
+    return problems
+
+
+# --- What the orders must show ------------------------------------------------------------
+
+OUTCOME_STATUS: Mapping[Outcome, pb.OrderStatus.ValueType] = {
+    Outcome.DELIVERED: pb.ORDER_STATUS_DELIVERED,
+    Outcome.CANCELLED_UNPAID: pb.ORDER_STATUS_CANCELLED,
+    Outcome.CANCELLED_REFUNDED: pb.ORDER_STATUS_CANCELLED,
+}
+
+
+async def all_waiting_for_payment(
+    client: FailoverClient, order_ids: Sequence[str], *, within: float
+) -> None:
+    """Until every order is PENDING with its inventory reserved (it is PENDING from the start)."""
+    await asyncio.gather(
+        *(
+            eventually(
+                functools.partial(client.get, order_id),
+                lambda order: (
+                    order.status == pb.ORDER_STATUS_PENDING
+                    and bool(order.inventory_info.reservation_id)
+                ),
+                within=within,
+                what=f"{order_id} reserved and waiting for payment",
+            )
+            for order_id in order_ids
+        )
+    )
+
+
+async def all_closed(cluster: Cluster, order_ids: Iterable[str], *, within: float) -> None:
+    """Until Temporal reports every order's workflow as completed."""
+    temporal = await cluster.client()
+    completed = WorkflowExecutionStatus.COMPLETED
+
+    async def closed(order_id: str) -> None:
+        handle = temporal.get_workflow_handle(workflow_id_for(order_id))
+        await eventually(
+            handle.describe,
+            lambda d: d.status == completed,
+            within=within,
+            interval=0.5,
+            what=f"{order_id}'s workflow completed",
+        )
+
+    await asyncio.gather(*(closed(o) for o in order_ids))
+
+
+async def refund_ids(ledger: Ledger) -> dict[str, str]:
+    return {e.order_id: e.result for e in await ledger.effects(EffectKind.REFUND)}
+
+
+def check_final_states(
+    orders: Mapping[str, pb.Order], outcomes: Mapping[str, Outcome], refund_ids: Mapping[str, str]
+) -> list[str]:
+    """What GetOrder shows, against each order's expected outcome."""
+    problems = []
+    for order_id, outcome in outcomes.items():
+        order = orders[order_id]
+        status = pb.OrderStatus.Name(order.status)
+        if order.status != OUTCOME_STATUS[outcome]:
+            problems.append(f"{order_id}: {status}, expected {outcome.value}")
+            continue
+        if order.rejected_payments:
+            problems.append(f"{order_id}: payments rejected: {list(order.rejected_payments)}")
+        if not order.inventory_info.reservation_id:
+            problems.append(f"{order_id}: no reservation")
+        cancelled = outcome is not Outcome.DELIVERED
+        if order.inventory_info.released != cancelled:
+            problems.append(f"{order_id}: inventory released={order.inventory_info.released}")
+        if outcome is Outcome.DELIVERED and not (
+            order.delivered_at.seconds and order.shipment_info.tracking_number
+        ):
+            problems.append(f"{order_id}: delivered without shipment or delivery time")
+        refunded = order.refund_info.refund_id
+        if refunded != refund_ids.get(order_id, ""):
+            problems.append(
+                f"{order_id}: refund {refunded!r} shown, ledger has {refund_ids.get(order_id)!r}"
+            )
+        paid = outcome is not Outcome.CANCELLED_UNPAID
+        if bool(order.payment_info.transaction_id) != paid:
+            problems.append(f"{order_id}: payment_info {order.payment_info}")
     return problems
