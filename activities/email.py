@@ -11,7 +11,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 
 from workflows.models import Notification, NotificationKind
-from workflows.rules import InvalidEmailAddress, parse_email_address
+from workflows.rules import InvalidEmailAddress, parse_email_address, safe_reason
 
 SENDER = "orders@acme.example"
 FALLBACK_RECIPIENT_DOMAIN = "customers.invalid"
@@ -64,6 +64,16 @@ def format_delivery_estimate(estimated_delivery: datetime | None) -> str:
     return estimated_delivery.strftime("%A %d %B %Y, %H:%M UTC")
 
 
+def quoted_reason(reason: str) -> str:
+    """A cancellation reason as the email shows it: quoted, its own quotes and backslashes
+    escaped, on one line, with nothing that reorders text (rules.safe_reason), whatever
+    reached the order; "not given" when there is none."""
+    if not reason:
+        return "not given"
+    escaped = safe_reason(reason).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def body_for(notification: Notification) -> str:
     """The plain-text body: what happened to the order and what comes next."""
     order_id = notification.order_id
@@ -95,7 +105,7 @@ def body_for(notification: Notification) -> str:
     else:
         lines = [
             f"Your order {order_id} ({amount}) has been cancelled.",
-            f"Reason: {notification.reason or 'not given'}",
+            f"Reason: {quoted_reason(notification.reason)}",
             "If you had already paid, the payment is refunded to your",
             "original payment method.",
         ]

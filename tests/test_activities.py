@@ -51,6 +51,7 @@ from workflows.money import Money
 
 LAPTOP = Money("USD", 999, 990_000_000)
 ITEMS = [OrderItem("PROD-123", "Laptop", 1, LAPTOP), OrderItem("PROD-9", "Mouse", 2, LAPTOP)]
+ORDER_CANCELLED = NotificationKind.ORDER_CANCELLED
 ADDRESS = ShippingAddress("123 Main St", "San Francisco", "94102", "USA")
 # The Date header comes from the activity's first schedule time.
 SCHEDULED = datetime(2025, 1, 31, 14, 30, 22, tzinfo=UTC)
@@ -377,6 +378,49 @@ async def test_bad_recipient_is_not_retryable(
     assert caught.value.type == "InvalidRecipient"
     assert caught.value.non_retryable
     assert emails_in(outbox) == []
+    # The failure is logged and kept in the history: the address masked, on one line.
+    assert recipient not in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+async def test_log_lines_hold_no_email_address_nor_street_address(
+    acts: OrderActivities, env: ActivityEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    await env.run(acts.send_notification, notification(NotificationKind.ORDER_RECEIVED))
+    # No email address: the placeholder, made of the customer id, is masked too.
+    placeholder = notification(NotificationKind.PAYMENT_CONFIRMED, recipient="")
+    await env.run(acts.send_notification, placeholder)
+    await env.run(acts.ship_order, ShipOrderInput("ORD-1", "PKG-1", ADDRESS))
+
+    assert "emailed 'Order Received: ORD-1' to c***@example.com" in caplog.text
+    assert "emailed 'Payment Confirmed: ORD-1' to C***@customers.invalid" in caplog.text
+    for personal in ["cust-001@", "CUST-001", *dataclasses.astuple(ADDRESS)]:
+        assert personal not in caplog.text, personal
+
+
+@pytest.mark.parametrize(
+    ("reason", "shown"),
+    [
+        ("Found it cheaper elsewhere", '"Found it cheaper elsewhere"'),
+        # Quoted plain text: its own quotes and backslashes escaped.
+        ('Say "refund" \\ now', '"Say \\"refund\\" \\\\ now"'),
+        # Sent straight to Temporal, past CancelOrder's check: made harmless here.
+        ("invoice\u202efdp.exe", '"invoice\ufffdfdp.exe"'),
+        ("\u2066call\u2069 \u200fus\u061c", '"\ufffdcall\ufffd \ufffdus\ufffd"'),
+        ("one\r\nBcc: x\ttab", '"one  Bcc: x tab"'),
+        ("\x1b[31mred\x00", '"\ufffd[31mred\ufffd"'),
+        ("", "not given"),
+    ],
+)
+async def test_the_cancellation_email_quotes_the_reason_on_a_line_of_its_own(
+    acts: OrderActivities, env: ActivityEnvironment, outbox: Path, reason: str, shown: str
+) -> None:
+    await env.run(acts.send_notification, notification(ORDER_CANCELLED, reason=reason))
+    message = read_email(outbox / "ORD-1" / "order_cancelled.eml")
+    assert message.get_content_type() == "text/plain"
+    assert not message.is_multipart()
+    assert f"Reason: {shown}" in body_of(message).splitlines()
 
 
 async def test_hostile_order_id_stays_inside_the_outbox(

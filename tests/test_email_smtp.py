@@ -44,6 +44,7 @@ from tests.support.orders import (
     create_request,
     email_attempts,
     email_workflows,
+    failure_message,
     payment_request,
 )
 from tests.support.polling import eventually
@@ -95,7 +96,8 @@ class Inbox:
         rcpt_options: list[str],
     ) -> str:
         if address.endswith(f"@{REJECTED_DOMAIN}"):
-            return "550 5.1.1 No such user here"
+            # As Postfix words it: the address in the reply too.
+            return f"550 5.1.1 <{address}>: No such user here"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -349,6 +351,10 @@ async def test_refusals_are_retryable_rejections_are_final(tmp_path: Path) -> No
         assert caught.value.type == "RecipientRejected"
         assert caught.value.non_retryable
         assert "550" in caught.value.message
+        # The failure is logged and kept in the history: the address in it masked, the
+        # one the client sent and the one the server's reply repeats alike.
+        assert "nobody@" not in caught.value.message
+        assert caught.value.message.count(f"n***@{REJECTED_DOMAIN}") == 2
     assert [r.rcpt_tos for r in inbox.received] == [["cust-001@example.com"]]
     # Nothing goes to the outbox when SMTP is configured.
     assert eml_files(tmp_path) == []
@@ -452,7 +458,7 @@ async def test_cancelled_order_emails_the_reason(
         NotificationKind.ORDER_CANCELLED,
         order_id,
         email,
-        "Reason: Found it cheaper elsewhere",
+        'Reason: "Found it cheaper elsewhere"',
     )
 
 
@@ -486,7 +492,10 @@ async def test_mail_server_down_does_not_hold_the_order_open(
                 lambda d: any(p.attempt > 1 for p in d.raw_description.pending_activities),
                 within=10,
             )
-            [failure] = [p.last_failure.message for p in pending.raw_description.pending_activities]
+            [failure] = [
+                await failure_message(stack.client, p.last_failure)
+                for p in pending.raw_description.pending_activities
+            ]
             assert "unreachable" in failure
         assert inbox.received == []
 

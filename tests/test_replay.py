@@ -11,6 +11,11 @@ test that keeps such a change out of CI.
 The second half proves the test can fail, and shows the safe way to make one
 real change, releasing the inventory before refunding, with
 `workflow.patched` (docs/decisions/0008-changing-the-workflow-safely.md).
+
+Every history replays through the workers' data converter, with the test-only keys
+the `*--v3-encrypted.json` histories were recorded with (tests/histories/test-keys.toml):
+those have every payload encrypted; the older ones, recorded before encryption, have
+none, and the codec passes their payloads through (docs/decisions/0017).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from temporalio.worker import Replayer, Worker
 
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
+from infra import codec
+from infra.keys import new_keys
 from tests.histories import record
+from tests.support.keys import history_keys
 from workflows.models import (
     CANCEL_ORDER_SIGNAL,
     CONFIRM_PAYMENT_SIGNAL,
@@ -56,9 +64,13 @@ def load(file: Path) -> WorkflowHistory:
     return WorkflowHistory.from_json(started.get("workflowId", record.workflow_id_of(file)), data)
 
 
+# As a worker holding the test keys decodes: encrypted payloads and plain ones alike.
+CONVERTER = codec.data_converter(history_keys())
+
+
 async def replay(history: WorkflowHistory, workflow_class: type) -> None:
     """Replays one history against one workflow class; raises what the Replayer raises."""
-    await Replayer(workflows=[workflow_class]).replay_workflow(history)
+    await Replayer(workflows=[workflow_class], data_converter=CONVERTER).replay_workflow(history)
 
 
 async def replay_failures(workflow_class: type) -> dict[str, BaseException]:
@@ -206,6 +218,53 @@ def test_history_is_of_its_path(file: Path) -> None:
 @pytest.mark.parametrize("file", HISTORIES, ids=lambda file: file.stem)
 async def test_history_replays_on_the_current_workflow(file: Path) -> None:
     await replay(load(file), OrderWorkflow)
+
+
+def encrypted_share(file: Path) -> tuple[int, int]:
+    """(encrypted, all) payloads of a history's inputs, results, signals and memo."""
+    events = load(file).events
+    payloads = [
+        payload
+        for event in events
+        for attributes in (
+            event.workflow_execution_started_event_attributes.input,
+            event.activity_task_scheduled_event_attributes.input,
+            event.activity_task_completed_event_attributes.result,
+            event.workflow_execution_signaled_event_attributes.input,
+            event.workflow_execution_completed_event_attributes.result,
+        )
+        for payload in attributes.payloads
+    ] + [
+        payload
+        for event in events
+        for memo in (
+            event.workflow_execution_started_event_attributes.memo,
+            event.workflow_properties_modified_event_attributes.upserted_memo,
+        )
+        for payload in memo.fields.values()
+    ]
+    return sum(codec.is_encrypted(p) for p in payloads), len(payloads)
+
+
+def test_histories_from_before_and_after_encryption_are_both_replayed() -> None:
+    """The upgrade: orders recorded before encryption replay through the codec (above), as
+    do those recorded with it, every payload of which is sealed with the test key."""
+    encrypted = [file for file in HISTORIES if file.stem.endswith("-encrypted")]
+    assert {record.path_of(file) for file in encrypted} == set(record.PATHS)
+    for file in HISTORIES:
+        sealed, total = encrypted_share(file)
+        assert total > 0, file.stem
+        assert sealed == (total if file in encrypted else 0), file.stem
+
+
+async def test_an_encrypted_history_does_not_replay_without_its_key() -> None:
+    [file] = [f for f in HISTORIES if f.stem == "happy_delivered--v3-encrypted"]
+    stranger = codec.data_converter(new_keys())
+    # The message names the key, but is sealed itself (a failure's message is): the type shows.
+    with pytest.raises(Exception, match="UndecryptablePayload"):
+        await Replayer(workflows=[OrderWorkflow], data_converter=stranger).replay_workflow(
+            load(file)
+        )
 
 
 # --- The replay test can fail -------------------------------------------------------------------

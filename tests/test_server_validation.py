@@ -443,12 +443,30 @@ def test_empty_reason_gets_the_default() -> None:
     assert cancel == models.CancelRequest("Cancelled at the customer's request")
 
 
-def test_reason_may_span_lines() -> None:
-    reason = "Ordered twice.\r\nPlease refund.\tThanks"
+def test_a_reason_is_any_one_line_of_text() -> None:
+    reason = "Ordered twice \u2013 refund. \u00abMerci\u00bb \u05e9\u05dc\u05d5\u05dd 😀 'x' \"y\""
     _, cancel = validation.validate_cancel_order(
         pb.CancelOrderRequest(order_id="ORD-1", reason=reason)
     )
     assert cancel.reason == reason
+
+
+# Line breaks and tabs (a reason is one line), other controls, separators, and every
+# bidirectional control: each one alone makes the reason INVALID_ARGUMENT.
+UNSAFE_IN_REASON = [
+    *"\n\r\t\x00\x07\x1b\x7f\x85\u2028\u2029",
+    *"\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069",
+]
+
+
+@pytest.mark.parametrize("char", UNSAFE_IN_REASON, ids=lambda c: f"U+{ord(c):04X}")
+def test_reason_with_a_control_or_bidi_character_is_invalid(char: str) -> None:
+    request = pb.CancelOrderRequest(order_id="ORD-1", reason=f"Refund{char} to evil.example")
+    with pytest.raises(InvalidArgument) as caught:
+        validation.validate_cancel_order(request)
+    [violation] = caught.value.violations
+    assert (violation.field, violation.reason) == ("reason", "INVALID_CHARACTERS")
+    assert "bidirectional" in violation.description
 
 
 def test_reason_of_500_characters_passes() -> None:

@@ -89,6 +89,10 @@ class OrderInput:
     # attribute says; kept across a reset, whose run starts later. None: orders
     # started before it was sent, created at their workflow's start time.
     created_at: datetime | None = None
+    # search_attributes.customer_key of customer_id, which the server computes (it holds
+    # the key; the workflow reads no secret): what OrderCustomerId holds. "": orders
+    # started before it, whose OrderCustomerId is the raw id.
+    customer_key: str = ""
 
 
 @dataclass(frozen=True)

@@ -572,8 +572,12 @@ class OrderWorkflow:
     def _publish_for_listing(self) -> None:
         """Search attributes for ListOrders' filters, and the exact total for its results."""
         state = self._state
+        # The hash the server put in the input; orders from before it upsert the raw id, as
+        # they always did. No patch: replay matches an upsert by its type, never its values,
+        # and each run upserts what its own input holds (docs/decisions/0017).
+        customer = self._order.customer_key or state.customer_id
         pairs = search_attributes.for_listing(
-            state.customer_id, state.status.value, state.created_at, state.total_amount
+            customer, state.status.value, state.created_at, state.total_amount
         )
         # Orders started by an older server have none yet; for the others, the
         # creation time becomes the workflow's start time to the microsecond.

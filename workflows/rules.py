@@ -2,6 +2,7 @@
 
 import functools
 import re
+import unicodedata
 from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.headerregistry import Address
@@ -137,9 +138,56 @@ def parse_email_address(text: str) -> Address:
     """
     # Building the Address ourselves rejects header injection (CR/LF) and
     # lists of recipients, which a plain string header would let through.
+    # The messages mask the address: they end up in logs and in the activity's failure.
     if not _EMAIL.fullmatch(text) or any(ch in text for ch in '\r\n,;<>"()'):
-        raise InvalidEmailAddress(f"not a single email address: {text!r}")
+        raise InvalidEmailAddress(f"not a single email address: {mask_email(text)}")
     try:
         return Address(addr_spec=text)
     except (ValueError, IndexError, HeaderParseError) as err:
-        raise InvalidEmailAddress(f"not a valid email address: {text!r}") from err
+        raise InvalidEmailAddress(f"not a valid email address: {mask_email(text)}") from err
+
+
+_SHOWN_DOMAIN = re.compile(r"[\w.-]+")
+
+
+def mask_email(text: str) -> str:
+    """An email address as a log line or an error may show it: "a***@example.com".
+
+    Only the first character of the name, if a letter or digit, and the domain, if
+    plain; anything else, "***". Never a line break, whatever `text` holds.
+    """
+    name, at, domain = text.partition("@")
+    if not at:
+        return "***"
+    first = name[:1] if name[:1].isalnum() else ""
+    return f"{first}***@{domain if _SHOWN_DOMAIN.fullmatch(domain) else '***'}"
+
+
+# --- A cancellation reason ----------------------------------------------------------
+# It is the customer's text, shown back in the cancellation email. So it is one line,
+# and holds nothing that changes how the text around it reads: no control characters
+# (tabs and line breaks included), no line or paragraph separators, and none of the
+# bidirectional controls that reorder what follows them ("Trojan Source", CVE-2021-42574).
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+_BREAKS = frozenset("\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _unsafe_in_reason(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in BIDI_CONTROLS
+
+
+def is_safe_reason(reason: str) -> bool:
+    """Whether a cancellation reason holds none of those characters (CancelOrder's check)."""
+    return not any(_unsafe_in_reason(char) for char in reason)
+
+
+def safe_reason(reason: str) -> str:
+    """The reason with each such character replaced: a break by a space, any other by
+    U+FFFD. For a reason that reached the order without the server's check (a signal
+    sent straight to Temporal, an order from before the check)."""
+    return "".join(
+        (" " if char in _BREAKS else "\ufffd") if _unsafe_in_reason(char) else char
+        for char in reason
+    )

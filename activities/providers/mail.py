@@ -25,6 +25,7 @@ from activities.providers.faults import WholeNumber, simulate
 from activities.providers.ledger import EffectKind, Effects, Ledger
 from infra.settings import ExistingFile, Lowercase, Options, Seconds, Text, setting
 from workflows.models import Notification
+from workflows.rules import mask_email
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +166,9 @@ class MailService:
             ) from err
         request = {"order_id": order_id, "kind": kind.value, "to": str(message["To"])}
         await self.sent.record(key, order_id, request, str(message["Message-ID"]))
-        logger.info(
-            "order %s: emailed %r to %s", order_id, str(message["Subject"]), str(message["To"])
-        )
+        # The address masked: no email address in a log line (docs/decisions/0017).
+        to = mask_email(str(message["To"]))
+        logger.info("order %s: emailed %r to %s", order_id, str(message["Subject"]), to)
 
 
 class OutboxMailer:
@@ -242,8 +243,10 @@ class SmtpMailer:
             refusals = [(code, text) for code, text in err.recipients.values()]
             detail = "; ".join(f"{code} {_text(reply)}" for code, reply in refusals)
             permanent = bool(refusals) and all(500 <= code <= 599 for code, _ in refusals)
+            # Masked: this message is logged and kept in the activity's failure.
+            refused = ", ".join(mask_email(recipient) for recipient in err.recipients)
             raise MailDeliveryError(
-                f"{server} refused recipient {', '.join(err.recipients)}: {detail}",
+                f"{server} refused recipient {refused}: {detail}",
                 permanent=permanent,
             ) from err
         except smtplib.SMTPAuthenticationError as err:
@@ -271,8 +274,14 @@ class SmtpMailer:
         return smtplib.SMTP(self.host, self.port, timeout=timeout)
 
 
+# An address in a mail server's reply ("550 5.1.1 <bob@example.com>: unknown user").
+_ADDRESS_IN_REPLY = re.compile(r"[^\s<>@,;:\"'()\[\]]+@[^\s<>@,;:\"'()\[\]]+")
+
+
 def _text(reply: bytes | str) -> str:
-    return reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+    """A mail server's reply for a log line or a failure: any address in it masked."""
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+    return _ADDRESS_IN_REPLY.sub(lambda found: mask_email(found.group()), text)
 
 
 def _describe(err: BaseException) -> str:

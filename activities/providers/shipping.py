@@ -51,7 +51,7 @@ class Shipping:
         """Hands the package to the carrier; returns its tracking number."""
         if self.hand_over_gate is not None:
             await _held(self.hand_over_gate)
-        step = f"shipping to {input.shipping.city}, {input.shipping.country}"
+        step = "handing over to the carrier"  # no address in a log line (docs/decisions/0017)
         shipment = partial(Shipment, f"FEDEX-{input.order_id}-{input.package_id}", CARRIER)
         seconds = self.settings.sim_ship_seconds
         return await _once(self.shipments, input.order_id, input.order_id, step, seconds, shipment)

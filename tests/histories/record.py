@@ -3,6 +3,8 @@
     .venv/bin/python -m tests.histories.record                   # every path
     .venv/bin/python -m tests.histories.record happy_delivered   # only some paths
     .venv/bin/python -m tests.histories.record --tag v2 happy_delivered
+    .venv/bin/python -m tests.histories.record --tag v3-encrypted \
+        --keys-file tests/histories/test-keys.toml            # every payload encrypted
 
 It starts its own Temporal dev server (nothing else needs to run), a worker
 per simulation setting, runs one order per path through the real workflow
@@ -34,8 +36,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
+from infra.keys import Keys
 from infra.process_exit import exit_without_finalization
 from tests.support.env import venv_binary
+from tests.support.keys import with_codec
 from tests.support.polling import eventually
 from worker.app import build_worker
 from workflows import search_attributes
@@ -344,14 +348,19 @@ def compact(history_json: str) -> str:
     return json.dumps(json.loads(history_json), indent=1) + "\n"
 
 
-async def record(targets: dict[str, Path]) -> list[Path]:
-    """Runs an order for each path and writes its history to the path's target file."""
+async def record(targets: dict[str, Path], keys: Keys | None = None) -> list[Path]:
+    """Runs an order for each path and writes its history to the path's target file.
+
+    With `keys`, the client and the workers encrypt every payload, as the server and the
+    worker do (infra/codec.py): the histories are those of orders placed since issue 12.
+    """
     paths = list(targets)
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=venv_binary("temporal"),
         dev_server_log_level="error",
         search_attributes=search_attributes.ALL,
     )
+    client = env.client if keys is None else with_codec(env.client, keys)
     try:
         with tempfile.TemporaryDirectory(prefix="history-outbox-") as outbox:
             instant = ProviderSettings.instant
@@ -386,9 +395,9 @@ async def record(targets: dict[str, Path]) -> list[Path]:
             async with contextlib.AsyncExitStack() as workers:
                 for name, simulation in simulations.items():
                     activities = OrderActivities(simulation)
-                    worker = build_worker(env.client, getattr(queues, name), activities)
+                    worker = build_worker(client, getattr(queues, name), activities)
                     await workers.enter_async_context(worker)
-                recorder = Recorder(env.client, queues, outbox)
+                recorder = Recorder(client, queues, outbox)
                 handles = await asyncio.gather(*(PATHS[path](recorder) for path in paths))
                 written = []
                 for path, handle in zip(paths, handles, strict=True):
@@ -410,6 +419,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--tag", default="", help="write <path>--<tag>.json")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument(
+        "--keys-file",
+        type=Path,
+        help="encrypt every payload with these keys (tests/histories/test-keys.toml: test only)",
+    )
     args = parser.parse_args(argv)
     # The simulated failures are on purpose: their activity tracebacks would only be noise.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -427,7 +441,8 @@ def main(argv: Sequence[str]) -> int:
             f"refusing to overwrite {', '.join(existing)}: record new behaviour with --tag, "
             "or pass --force to replace them"
         )
-    asyncio.run(record(targets))
+    keys = None if args.keys_file is None else Keys.from_toml(args.keys_file.read_text())
+    asyncio.run(record(targets, keys))
     return 0
 
 
