@@ -1,0 +1,116 @@
+"""The gRPC server span of each RPC: a child of the caller's W3C traceparent, if it sent one.
+
+Our own rather than opentelemetry-instrumentation-grpc's aio interceptor: that one
+learns the status only from `context.abort`, so every error the request path sends
+with `abort_with_status` showed as OK (docs/decisions/0019-tracing.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from server.platform.request_path import handler_of_the_same_kind
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+# The codes OpenTelemetry's gRPC conventions count as the server's error; the
+# others (NOT_FOUND, INVALID_ARGUMENT...) are the caller's and leave the span unset.
+SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class ServerSpans(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """One SERVER span per RPC of `traced_services` (not health probes), current while it runs.
+
+    First among the interceptors, so that every line the RPC logs, its refusals
+    included, carries the span's ids, and the Temporal calls it makes are its children.
+    """
+
+    def __init__(self, tracer: trace.Tracer, *, traced_services: list[str]) -> None:
+        self._tracer = tracer
+        self._traced = frozenset(traced_services)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        full_name = handler_call_details.method.lstrip("/")
+        service, _, method = full_name.rpartition("/")
+        if handler is None or service not in self._traced:
+            return handler
+        attribute = "_".join(
+            "stream" if streaming else "unary"
+            for streaming in (handler.request_streaming, handler.response_streaming)
+        )
+        behavior = getattr(handler, attribute)
+        span = self._span
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+                with span(full_name, service, method, context):
+                    async for response in behavior(request, context):
+                        yield response
+
+            wrapped: Callable[..., Any] = stream
+        elif inspect.iscoroutinefunction(behavior):
+
+            async def unary(request: Any, context: _Context) -> Any:
+                with span(full_name, service, method, context):
+                    return await behavior(request, context)
+
+            wrapped = unary
+        else:  # a synchronous handler: not ours to wrap
+            return handler
+        return handler_of_the_same_kind(handler, wrapped, handler.request_deserializer)
+
+    @contextmanager
+    def _span(self, name: str, service: str, method: str, context: _Context) -> Iterator[None]:
+        # W3C traceparent / tracestate and baggage, as the global propagator reads them.
+        metadata = context.invocation_metadata() or ()
+        carrier = {key: value for key, value in metadata if isinstance(value, str)}
+        parent = propagate.extract(carrier)
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        with self._tracer.start_as_current_span(
+            name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as current:
+            code: grpc.StatusCode | None = None
+            try:
+                yield
+            except (asyncio.CancelledError, GeneratorExit):  # the caller went away, or its deadline
+                left = context.time_remaining()
+                late = left is not None and left <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+                raise
+            except Exception:  # an abort (the request path's errors) or a bug
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            else:
+                code = context.code() or grpc.StatusCode.OK
+            finally:
+                code = code or grpc.StatusCode.UNKNOWN
+                current.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in SERVER_ERRORS:
+                    current.set_status(Status(StatusCode.ERROR, code.name))
