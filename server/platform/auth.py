@@ -1,4 +1,8 @@
-"""Bearer tokens: who is calling (UNAUTHENTICATED) and whether it may (PERMISSION_DENIED)."""
+"""Bearer tokens: who is calling (UNAUTHENTICATED) and whether it may (PERMISSION_DENIED).
+
+A token is a tokens-file token (a system caller) or an end user's JWT (a customer);
+the caller is bound for the RPC's handler and logs (server/api/access.py).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,17 @@ from typing import Any
 
 import grpc
 
-from server.api import errors
+from server.api import access, errors
+from server.platform import jwt_auth
 from server.platform.request_path import handler_of_the_same_kind
-from server.platform.tokens import Caller, TokenStore, format_time
+from server.platform.tokens import CUSTOMER_RPCS, ORDER_METHODS, TokenStore, format_time
 
 logger = logging.getLogger(__name__)
 
 _BEARER = "bearer"
+_CUSTOMER_METHODS = frozenset(ORDER_METHODS[rpc] for rpc in CUSTOMER_RPCS)
+# Who a refused call names when its credentials named no one.
+_NOBODY = "-"
 
 
 class Unauthenticated(errors.ServiceError):
@@ -29,12 +37,12 @@ class Unauthenticated(errors.ServiceError):
 
 
 class PermissionDenied(errors.ServiceError):
-    """PERMISSION_DENIED: a known caller whose entry does not allow this RPC."""
+    """PERMISSION_DENIED: a known caller (tokens-file entry or customer) not allowed this RPC."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = "METHOD_NOT_ALLOWED"
 
-    def __init__(self, caller: Caller, method: str) -> None:
+    def __init__(self, caller: access.Principal, method: str) -> None:
         rpc = method.lstrip("/")
         super().__init__(
             f"Caller {caller.name} may not call {rpc}.",
@@ -51,7 +59,8 @@ def _refusal(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind as `handler` that ends the call with `error`.
 
-    No request deserializer: an unauthenticated request is never decoded.
+    An unauthenticated request is never decoded; a known caller's is, so that
+    the log and audit lines of a refused call name its order.
     """
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -69,26 +78,47 @@ def _refusal(
         raise error  # the request path turns it into the status
 
     # grpc.aio runs a plain coroutine for a streaming response too: it just sends none.
-    return handler_of_the_same_kind(handler, refuse)
+    known = isinstance(error, PermissionDenied) and not handler.request_streaming
+    deserialize = handler.request_deserializer if known else None
+    return handler_of_the_same_kind(handler, refuse, deserialize)
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Lets through only the RPCs the caller's token allows; open services need none."""
+    """Lets through only the RPCs the caller's token allows; open services need none.
+
+    `jwt`, when given, also accepts end users' JWTs: customers, limited to
+    CUSTOMER_RPCS and, through server/api/access.py, to their own orders.
+    `customer_id_key` keys the hash that names an end user in logs.
+    """
 
     def __init__(
         self,
         tokens: TokenStore,
         *,
         open_services: Iterable[str],
+        jwt: jwt_auth.JwtVerifier | None = None,
+        customer_id_key: bytes = b"",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        if jwt is not None and not customer_id_key:
+            raise ValueError("JWTs need the customer-id key, which names their callers in logs")
         self._tokens = tokens
+        self._jwt = jwt
+        self._customer_id_key = customer_id_key
         self._open_prefixes = tuple(f"/{name}/" for name in open_services)
         self._clock = clock
 
+    def _customer(self, verifier: jwt_auth.JwtVerifier, token: str, rpc: str) -> access.Principal:
+        try:
+            verified = verifier.verify(token)
+        except jwt_auth.JwtRejected as rejected:
+            raise Unauthenticated(rejected.reason, rejected.message, method=rpc) from None
+        name = jwt_auth.caller_name(verified.subject, self._customer_id_key)
+        return access.Principal(name, _CUSTOMER_METHODS, verified.customer_id)
+
     def authenticate(
         self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
-    ) -> Caller:
+    ) -> access.Principal:
         """The caller, or Unauthenticated saying what is wrong with its credentials."""
         rpc = method.lstrip("/")
         values = _authorization(metadata)
@@ -105,7 +135,10 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 "Malformed credentials: send one `authorization: Bearer <token>`.",
                 method=rpc,
             )
-        caller = self._tokens.identify(token.strip())
+        token = token.strip()
+        if self._jwt is not None and jwt_auth.looks_like_jwt(token):
+            return self._customer(self._jwt, token, rpc)
+        caller = self._tokens.identify(token)
         if caller is None:
             raise Unauthenticated(
                 "ACCESS_TOKEN_INVALID", "The bearer token is not valid.", method=rpc
@@ -119,7 +152,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 caller=caller.name,
                 expireTime=expired_at,
             )
-        return caller
+        return access.Principal(caller.name, caller.methods, role=caller.role)
 
     async def intercept_service(
         self,
@@ -135,7 +168,11 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             caller = self.authenticate(method, handler_call_details.invocation_metadata)
         except Unauthenticated as error:
+            # An expired token still names its caller; other refusals name no one.
+            access.bind(access.Principal(error.metadata.get("caller", _NOBODY), frozenset()))
             return _refusal(handler, error)
+        # Bound here, in the RPC's own task, before its handler runs.
+        access.bind(caller)
         if not caller.may_call(method):
             return _refusal(handler, PermissionDenied(caller, method))
         return handler

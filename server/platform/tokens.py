@@ -23,20 +23,25 @@ ORDER_METHODS: Mapping[str, str] = {
     method.name: f"/{_SERVICE.full_name}/{method.name}" for method in _SERVICE.methods
 }
 
+# A shop's RPCs: everything but recording payments.
+_STOREFRONT_RPCS = frozenset(
+    {
+        "CreateOrder",
+        "GetOrder",
+        "GetOrderStatus",
+        "GetEstimatedDelivery",
+        "ListOrders",
+        "WatchOrder",
+        "CancelOrder",
+    }
+)
+# An end user's JWT (server/platform/jwt_auth.py): the storefront's RPCs, each on
+# the customer's own orders only (server/api/access.py); never ConfirmPayment.
+CUSTOMER_RPCS = _STOREFRONT_RPCS
 # Each role: the OrderService RPCs it may call, or None for every RPC of every
 # service on the server (those added later included).
 ROLES: Mapping[str, frozenset[str] | None] = {
-    "storefront": frozenset(
-        {
-            "CreateOrder",
-            "GetOrder",
-            "GetOrderStatus",
-            "GetEstimatedDelivery",
-            "ListOrders",
-            "WatchOrder",
-            "CancelOrder",
-        }
-    ),
+    "storefront": _STOREFRONT_RPCS,
     "payment-gateway": frozenset({"ConfirmPayment"}),
     "operator": frozenset(ORDER_METHODS),
     "admin": None,
@@ -77,6 +82,8 @@ class Caller:
     # Full method names ("/acme.orders.v1.OrderService/GetOrder"); None: every method.
     methods: frozenset[str] | None
     expires: datetime | None = None
+    # The entry's role, if it names one (rate limits are set per role).
+    role: str | None = None
 
     def may_call(self, method: str) -> bool:
         return self.methods is None or method in self.methods
@@ -164,6 +171,7 @@ def _caller(entry: object) -> Caller:
     if "role" not in entry and "methods" not in entry:
         raise ValueError(f"caller {name}: give a role, methods, or both")
     methods: frozenset[str] | None = frozenset()
+    role = None
     if "role" in entry:
         role = entry["role"]
         if not isinstance(role, str) or role not in ROLES:
@@ -182,7 +190,7 @@ def _caller(entry: object) -> Caller:
             expires = parse_expiry(entry["expires"])
         except ValueError as err:
             raise ValueError(f"caller {name}: expires: {err}") from None
-    return Caller(name, bytes.fromhex(digest), methods, expires)
+    return Caller(name, bytes.fromhex(digest), methods, expires, role)
 
 
 def parse(text: str) -> TokenStore:
