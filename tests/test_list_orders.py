@@ -7,6 +7,9 @@ with `eventually` until it holds, never slept for.
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +22,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from pydantic import SecretStr
 from temporalio.client import WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
@@ -26,8 +30,11 @@ from temporalio.testing import WorkflowEnvironment
 from acme.orders.v1 import order_service_pb2 as pb
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
+from infra.keys import new_keys
 from server.platform.app import start_server
 from server.platform.settings import ServerSettings
+from tests.support.env import with_changes
+from tests.support.keys import key_settings
 from tests.support.orders import LAPTOP_PRICE, create_request
 from tests.support.polling import eventually
 from tests.support.stack import Stack, async_stub, order_reaching
@@ -254,6 +261,10 @@ async def started_by_hand(stack: Stack) -> AsyncIterator[StartByHand]:
             await handle.terminate("test over")
 
 
+def customer_id_key(stack: Stack) -> bytes:
+    return stack.server.settings.keys.customer_id_key
+
+
 def order_attributes(
     customer: str, created_at: datetime, status: str = "pending"
 ) -> list[SearchAttributePair[Any]]:
@@ -344,8 +355,10 @@ async def test_workflows_without_order_attributes_are_skipped(stack: Stack) -> N
     async with started_by_hand(stack) as start:
         for name, attributes, total in incomplete:
             await start(f"{name}-{uuid.uuid4().hex[:8]}", attributes, total)
-        # Once visibility holds all six, only the real order is listed.
-        query = f"{search_attributes.ORDER_CUSTOMER_ID.name} = '{customer}'"
+        # Once visibility holds all six, only the real order is listed. The real order
+        # holds the customer's hash, the others (as orders from before it) the id.
+        hashed = search_attributes.customer_key(customer_id_key(stack), customer)
+        query = f"{search_attributes.ORDER_CUSTOMER_ID.name} IN ('{hashed}', '{customer}')"
         await eventually(
             lambda: stack.client.count_workflows(query), lambda counted: counted.count == 6
         )
@@ -381,15 +394,35 @@ async def test_invalid_requests_are_invalid_argument(stack: Stack) -> None:
     assert (await invalid(stack, page_size=-5, status=9)).keys() == {"page_size", "status"}
 
 
-async def test_bad_page_tokens_are_invalid_argument(stack: Stack) -> None:
+async def test_bad_page_tokens_are_invalid_argument(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     for garbage in ("garbage", "not a token!", "e30", "eyJ2IjoxfQ", "🙂", "A" * 500):
         assert await invalid(stack, page_token=garbage) == {"page_token": "INVALID_PAGE_TOKEN"}
+    # Issue 14: base64 of "[" x 10,000 was INTERNAL, with a RecursionError logged each time.
+    deep = base64.urlsafe_b64encode(b"[" * 10_000).decode()
+    assert await invalid(stack, page_token=deep) == {"page_token": "TOO_LONG"}
+    assert await invalid(stack, page_token=deep[:1000]) == {"page_token": "INVALID_PAGE_TOKEN"}
+    assert await invalid(stack, page_token="A" * 1_000_000) == {"page_token": "TOO_LONG"}
 
     customer = new_customer()
     await create_orders(stack, customer, 2)
     await all_visible(stack, customer, 2)
     token = (await listed(stack, customer_id=customer, page_size=1)).next_page_token
     assert token
+    # Forged: the genuine body (valid JSON) moved to another order, under its old MAC,
+    # or unsigned as tokens used to be.
+    body_text, mac = token.split(".")
+    body = json.loads(base64.urlsafe_b64decode(body_text + "=="))
+    moved = base64.urlsafe_b64encode(json.dumps({**body, "id": "order-ORD-X"}).encode()).decode()
+    for forged in (f"{moved.rstrip('=')}.{mac}", moved, body_text):
+        assert await invalid(stack, page_token=forged, customer_id=customer) == {
+            "page_token": "INVALID_PAGE_TOKEN"
+        }
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
+    assert "code=INVALID_ARGUMENT" in caplog.text, "the request path logged the refusals"
     # AIP-158: a token serves the query it came from, whatever page_size asks.
     assert len((await listed(stack, customer_id=customer, page_token=token)).orders) == 1
     for other in (
@@ -403,15 +436,67 @@ async def test_bad_page_tokens_are_invalid_argument(stack: Stack) -> None:
         }
 
 
+async def test_a_page_token_outlives_one_rotation_of_its_key(stack: Stack) -> None:
+    """Servers over the same orders with a page-token key, the keys rotated once, and
+    rotated twice: the newest key signs, the one before still verifies, older ones don't."""
+    customer = new_customer()
+    orders = await create_orders(stack, customer, 3)
+    await all_visible(stack, customer, 3)
+    keys = new_keys()
+    rings = [keys, keys.rotated()]
+    rings.append(rings[1].rotated())
+    servers = [
+        await start_server(
+            with_changes(
+                stack.server.settings,
+                port=0,
+                page_token_keys=SecretStr(
+                    ",".join(base64.b64encode(key).decode() for key in ring.page_token_keys)
+                ),
+            ),
+            stack.client,
+        )
+        for ring in rings
+    ]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
+    try:
+        before, once, twice = (async_stub(channel) for channel in channels)
+        first = await before.ListOrders(pb.ListOrdersRequest(customer_id=customer, page_size=1))
+        second = await once.ListOrders(
+            pb.ListOrdersRequest(
+                customer_id=customer, page_size=1, page_token=first.next_page_token
+            )
+        )
+        third = await twice.ListOrders(
+            pb.ListOrdersRequest(
+                customer_id=customer, page_size=1, page_token=second.next_page_token
+            )
+        )
+        assert ids(first) + ids(second) + ids(third) == newest_first(orders)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await twice.ListOrders(
+                pb.ListOrdersRequest(customer_id=customer, page_token=first.next_page_token)
+            )
+        assert violations(caught.value) == {"page_token": "INVALID_PAGE_TOKEN"}
+    finally:
+        for channel in channels:
+            await channel.close(grace=None)
+        for server in servers:
+            await server.stop(grace=0.5)
+
+
 async def test_an_order_is_listed_at_once_with_no_worker_and_keeps_its_creation_time(
     temporal: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     """Search attributes come with the start: listable before any worker runs the order."""
+    payload_keys, customer_id_key = key_settings()
     settings = ServerSettings(
         host="127.0.0.1",
         port=0,
         temporal_address=temporal.client.service_client.config.target_host,
         task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
+        payload_keys=payload_keys,
+        customer_id_key=customer_id_key,
     )
     server = await start_server(settings, client=temporal.client)
     try:

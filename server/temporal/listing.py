@@ -8,8 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
+import re
+import secrets
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +50,14 @@ def read_limit(page_size: int) -> int:
 
 WORKFLOW_ID_PREFIX = models.workflow_id_for("")
 _TOKEN_VERSION = 1
+# The longest page token read: this server writes under 700 characters (a workflow id
+# has at most 255); anything longer is refused before it is decoded.
+MAX_PAGE_TOKEN_CHARS = 1024
+_MAC_BYTES = hashlib.sha256().digest_size
+# base64url(body) "." base64url(HMAC-SHA256), unpadded.
+_SIGNED_TOKEN = re.compile(r"(?P<body>[A-Za-z0-9_-]+)\.(?P<mac>[A-Za-z0-9_-]{43})")
+# What the MAC covers before the body: a key of the ring signs page tokens and nothing else.
+_MAC_CONTEXT = b"acme.orders.v1.ListOrders.page_token\x00"
 _MIN_TIME = datetime.min.replace(tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 _HALF_MILLISECOND = timedelta(microseconds=500)
@@ -96,7 +107,7 @@ class ListFilter:
 
 @dataclass(frozen=True)
 class PageToken:
-    """Where the next page starts: opaque to clients, base64url of a small JSON."""
+    """Where the next page starts. Clients get it signed and opaque (`PageTokens`)."""
 
     created_at: datetime
     workflow_id: str
@@ -108,7 +119,8 @@ class PageToken:
     def key(self) -> Key:
         return (self.created_at, self.workflow_id)
 
-    def encode(self) -> str:
+    def body(self) -> bytes:
+        """The token's content as a small JSON, which `PageTokens` signs."""
         payload = {
             "v": _TOKEN_VERSION,
             "t": self.created_at.isoformat(),
@@ -116,16 +128,15 @@ class PageToken:
             "f": self.filter_digest,
             "w": self.window // _MILLISECOND,
         }
-        raw = json.dumps(payload, separators=(",", ":")).encode()
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        return json.dumps(payload, separators=(",", ":")).encode()
 
     @staticmethod
-    def decode(text: str) -> PageToken:
-        """The token's content; ValueError for anything this server did not write."""
+    def from_body(raw: bytes) -> PageToken:
+        """The content of a body whose MAC was verified; ValueError if it is not one of ours."""
         try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
             payload = json.loads(raw)
-        except (binascii.Error, UnicodeDecodeError, ValueError) as err:
+        # A verified body is one this server wrote; still, nothing here may become INTERNAL.
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
             raise ValueError("not a page token") from err
         if not isinstance(payload, dict) or payload.get("v") != _TOKEN_VERSION:
             raise ValueError("not a page token of this version")
@@ -140,13 +151,84 @@ class PageToken:
             and not isinstance(window, bool)
         ):
             raise ValueError("malformed page token")
-        created_at = datetime.fromisoformat(created)  # ValueError if malformed
+        try:
+            created_at = datetime.fromisoformat(created)
+        except ValueError:
+            raise ValueError("malformed page token") from None
         if created_at.tzinfo is None:
             raise ValueError("malformed page token")
         window_span = window * _MILLISECOND
         if not MIN_WINDOW <= window_span <= MAX_WINDOW:
             raise ValueError("malformed page token")
         return PageToken(created_at.astimezone(UTC), workflow_id, digest, window_span)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class PageTokens:
+    """Signs the page tokens this server hands out and checks those it gets back
+    (docs/decisions/0021).
+
+    HMAC-SHA256 over the body, with the first of `keys` (the keys file's
+    `page_token_keys`, newest first); a token signed with any of them is
+    accepted, so tokens handed out before a rotation keep working.
+    """
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise ValueError("page tokens need at least one key")
+        self._keys = tuple(keys)
+
+    @classmethod
+    def for_keys(cls, keys: Sequence[bytes]) -> PageTokens:
+        """With the configured keys; without any (a keys file from before them), with a
+        random key of this process, which no other server or restart accepts."""
+        if keys:
+            return cls(keys)
+        logger.warning(
+            "No page_token_keys in the keys: ListOrders page tokens are signed with a key of "
+            "this process only, so another server or a restart refuses them (INVALID_ARGUMENT). "
+            "Add one with `python -m infra.keys rotate FILE` (docs/decisions/0021)."
+        )
+        return cls([secrets.token_bytes(32)])
+
+    def _mac(self, key: bytes, body: bytes) -> bytes:
+        return hmac.digest(key, _MAC_CONTEXT + body, "sha256")
+
+    def encode(self, token: PageToken) -> str:
+        """base64url(body).base64url(HMAC): opaque to clients, ASCII, URL-safe."""
+        return self.sign(token.body())
+
+    def sign(self, body: bytes) -> str:
+        """Any body, signed with the newest key (`encode` signs a token's)."""
+        return f"{_b64(body)}.{_b64(self._mac(self._keys[0], body))}"
+
+    def decode(self, text: str) -> PageToken:
+        """The token's content; ValueError for anything this service did not sign.
+
+        The size and the alphabet are checked first, then the MAC, and only
+        then is the body parsed: nothing a client made up reaches the JSON parser.
+        """
+        if len(text) > MAX_PAGE_TOKEN_CHARS:
+            raise ValueError("page token too long")
+        match = _SIGNED_TOKEN.fullmatch(text)
+        if match is None:
+            raise ValueError("not a page token")
+        try:
+            body, mac = _unb64(match["body"]), _unb64(match["mac"])
+        except (binascii.Error, ValueError) as err:  # e.g. a body of 4n+1 characters
+            raise ValueError("not a page token") from err
+        if len(mac) != _MAC_BYTES or not any(
+            hmac.compare_digest(mac, self._mac(key, body)) for key in self._keys
+        ):
+            raise ValueError("page token not signed by this service")
+        return PageToken.from_body(body)
 
 
 @dataclass(frozen=True)
@@ -215,6 +297,8 @@ async def listed_order(execution: WorkflowExecution) -> ListedOrder | None:
     CreateOrder: skipped, never a reason to fail the whole listing.
     """
     attributes = execution.typed_search_attributes
+    # Visibility holds the customer id's hash; the id is in the memo, or, for orders
+    # started before the hash, in the search attribute itself.
     customer_id = attributes.get(search_attributes.ORDER_CUSTOMER_ID)
     status = _status(attributes.get(search_attributes.ORDER_STATUS))
     created_at = attributes.get(search_attributes.ORDER_CREATED_AT)
@@ -230,6 +314,13 @@ async def listed_order(execution: WorkflowExecution) -> ListedOrder | None:
         total = await execution.memo_value(search_attributes.MEMO_TOTAL_AMOUNT, type_hint=Money)
     except Exception as err:  # absent or undecodable: one odd row must not fail the page
         logger.debug("Skipping workflow %s: no order total in its memo (%s)", execution.id, err)
+        return None
+    try:
+        customer_id = await execution.memo_value(
+            search_attributes.MEMO_CUSTOMER_ID, customer_id, type_hint=str
+        )
+    except Exception as err:  # undecodable: skipped like any other odd row
+        logger.debug("Skipping workflow %s: undecodable customer id (%s)", execution.id, err)
         return None
     return ListedOrder(
         workflow_id=execution.id,
@@ -305,17 +396,24 @@ def until_bound(upper: datetime) -> datetime | None:
 
 
 def visibility_query(
-    list_filter: ListFilter, *, lower: datetime | None = None, upper: datetime | None = None
+    list_filter: ListFilter,
+    *,
+    customer_id_key: bytes,
+    lower: datetime | None = None,
+    upper: datetime | None = None,
 ) -> str:
     """The visibility query for the orders matching the filters with lower <= created_at <= upper.
 
     Only this service's workflows (WorkflowType), and a superset of the
-    answer: see the module docstring.
+    answer: see the module docstring. A customer is looked for by its hash
+    (search_attributes.customer_key) and, for orders started before the hash,
+    by its id.
     """
     conditions = [f"WorkflowType = {quote(models.WORKFLOW_NAME)}"]
-    if list_filter.customer_id:
+    if customer_id := list_filter.customer_id:
+        hashed = search_attributes.customer_key(customer_id_key, customer_id)
         conditions.append(
-            f"{search_attributes.ORDER_CUSTOMER_ID.name} = {quote(list_filter.customer_id)}"
+            f"{search_attributes.ORDER_CUSTOMER_ID.name} IN ({quote(hashed)}, {quote(customer_id)})"
         )
     if list_filter.status is not None:
         conditions.append(
@@ -348,8 +446,9 @@ class TemporalVisibility:
     Unit tests stand in for it with a model of the store.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, customer_id_key: bytes) -> None:
         self._client = client
+        self._customer_id_key = customer_id_key
 
     async def read(
         self,
@@ -361,7 +460,9 @@ class TemporalVisibility:
     ) -> list[ListedOrder] | None:
         """At least every order matching the filters with lower <= created_at <= upper;
         None as soon as that is more than `limit` rows (None: no limit)."""
-        query = visibility_query(list_filter, lower=lower, upper=upper)
+        query = visibility_query(
+            list_filter, customer_id_key=self._customer_id_key, lower=lower, upper=upper
+        )
         orders = []
         rows = 0
         # The iterator fetches a visibility page at a time: leaving early stops it.
@@ -380,7 +481,12 @@ class TemporalVisibility:
         self, list_filter: ListFilter, before: datetime, rpc_timeout: timedelta
     ) -> bool:
         """False only if no order matching the filters was created before `before`."""
-        query = visibility_query(list_filter, lower=list_filter.created_after, upper=before)
+        query = visibility_query(
+            list_filter,
+            customer_id_key=self._customer_id_key,
+            lower=list_filter.created_after,
+            upper=before,
+        )
         counted = await self._client.count_workflows(query, rpc_timeout=rpc_timeout)
         return counted.count > 0
 
@@ -401,12 +507,20 @@ class TemporalVisibility:
 
 
 class OrderLister:
-    """Pages of orders, newest first: the windows of docs/decisions/0007."""
+    """Pages of orders, newest first: the windows of docs/decisions/0007.
+
+    `tokens` sign the next-page tokens it hands out, and check those it gets back.
+    """
 
     def __init__(
-        self, source: TemporalVisibility, *, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        source: TemporalVisibility,
+        *,
+        tokens: PageTokens,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._source = source
+        self.tokens = tokens
         self._now = now
 
     async def list_page(self, request: ListRequest, *, rpc_timeout: timedelta) -> Page:
