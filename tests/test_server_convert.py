@@ -217,3 +217,19 @@ def test_timestamps_keep_microseconds_and_the_instant() -> None:
 def test_a_naive_datetime_is_taken_as_utc() -> None:
     naive = CREATED.replace(tzinfo=None)
     assert convert.timestamp_from_datetime(naive) == convert.timestamp_from_datetime(CREATED)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(2025, 1, 31, 14, 30, 22, 123_456, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ],
+)
+def test_timestamps_are_those_of_the_protobuf_runtime(value: datetime) -> None:
+    """The conversion computed by hand (for speed) is Timestamp.FromDatetime's, before and
+    after the epoch, at both ends of the range and in another zone."""
+    assert convert.timestamp_from_datetime(value) == ts(value)

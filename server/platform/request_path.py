@@ -109,6 +109,10 @@ class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, metrics: GrpcServerMetrics | None, *, logged_services: list[str]) -> None:
         self._metrics = metrics
         self._logged = frozenset(logged_services)
+        # Method -> (the handler grpc gave, ours for it): grpc asks again for every RPC and
+        # usually gets the same handler, whose wrapping is then reused (about 10 µs an RPC).
+        # Unknown methods are never kept, so this holds at most one entry per method served.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -118,6 +122,9 @@ class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         service, _, name = handler_call_details.method.lstrip("/").rpartition("/")
         kind, attribute, _ = _KINDS[handler.request_streaming, handler.response_streaming]
         behavior = getattr(handler, attribute)
@@ -148,7 +155,9 @@ class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             wrapped = unary
         else:  # a synchronous handler: not ours to wrap
             return handler
-        return handler_of_the_same_kind(handler, wrapped, deserialize)
+        ours = handler_of_the_same_kind(handler, wrapped, deserialize)
+        self._wrapped[handler_call_details.method] = (handler, ours)
+        return ours
 
     @asynccontextmanager
     async def _serving(

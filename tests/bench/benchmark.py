@@ -3,25 +3,43 @@
 One run starts its own processes, as `make run` does (one OS process each,
 through tests/support/cluster.py): a Temporal dev server with the Makefile's
 tuning (TEMPORAL_TUNING, which `make bench` passes as --temporal-tuning), a
-worker with zero simulated delays and a gRPC server. It then
-measures, interleaved (raw, gRPC, raw, gRPC) and at the same concurrency,
-each RPC against the Temporal calls the servicer makes for it, made straight
-through the `temporalio` client with the same inputs:
+worker with zero simulated delays, a gRPC server, and the benchmark's raw
+process (tests/bench/raw_side.py), which makes the servicer's Temporal calls
+straight through the `temporalio` client, connected as the server is, with
+the same inputs. It then measures, interleaved (raw, gRPC, raw, gRPC) and at
+the same concurrency, each RPC against those calls (decision 0016):
 
-- CreateOrder        vs start_workflow (input from validation.validate_create_order);
-- GetOrder           vs the get_full_state query, on the same (cache-hot) orders;
-- ConfirmPayment     vs the get_full_state query, then the confirm_payment signal,
-                     as the servicer makes them (decision 0009);
-- CancelOrder        vs the query, then the cancel_order signal;
-- whole orders       create, pay, wait for delivery (WatchOrder on the gRPC side,
-                     the workflow's result on the raw side), zero simulated delays.
+- CreateOrder        vs start_workflow, with the server's memo and search attributes
+                     (input from validation.validate_create_order);
+- GetOrder           vs DescribeWorkflowExecution and the memo's state decoded,
+                     on the same orders;
+- GetOrderStatus,    vs the same describe and decode;
+  GetEstimatedDelivery
+- ConfirmPayment     vs the describe and decode, then the confirm_payment signal;
+- CancelOrder        vs the describe and decode, then the cancel_order signal;
+- ListOrders         vs the lister's visibility list with each row's memo decoded, then
+                     the list of the rows' other runs (one page of one customer's orders);
+- whole orders       CreateOrder, ConfirmPayment and a WatchOrder stream until delivered,
+                     vs start, describe and signal, and the order's history long-polled
+                     until delivered (WatchOrder's calls), zero simulated delays.
 
-It also measures the gRPC server's CPU per RPC (utime + stime from
-/proc/<pid>/stat over each gRPC round), whole orders per second on a plain
-`temporal server start-dev --db-filename` with an untuned worker against
-the tuned default (both up at once, loaded in turn), and GetOrder on orders
-parked waiting for payment, 100 on one worker and 10,000 on another, read in
-turn; the second worker's memory (VmRSS) is read before and after parking.
+The CPU budget: each gRPC round is followed by a round of Health/Check, and
+the CPU of the process under test is read over every round (its CPU-time
+clock: utime + stime): the gRPC server's for gRPC and Health/Check rounds,
+the raw process's for raw ones. An RPC's floor is grpc.aio's own cost per RPC
+(Health/Check) plus the raw client's CPU per call for the same Temporal
+calls; the goal is every RPC within 250 µs of its floor (a whole order, three
+RPCs: within 750 µs).
+
+It also measures CreateOrder at one caller (the latency the front adds),
+whole orders per second on a plain `temporal server start-dev --db-filename`
+with an untuned worker against the tuned default (both up at once, loaded in
+turn), GetOrder on orders parked waiting for payment, 100 on one worker and
+10,000 on another, read in turn (the second worker's memory, VmRSS, read
+before and after parking), and the workflow sandbox's cost: the worker's CPU
+per whole order and memory per parked order under the default sandbox
+(`python -m worker`) and with every module passed through
+(tests/bench/passthrough_worker.py), the runner decision 0015 replaced.
 
 Writes docs/performance/results.md and chart.png, and prints the results.
 """
@@ -31,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import random
@@ -50,27 +69,40 @@ from typing import Any
 import grpc
 import temporalio
 import temporalio.api.enums.v1 as enums
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from infra.process_exit import exit_without_finalization
-from server.api import validation
-from tests.support.cluster import SERVICE_NAME, Cluster, Simulation, WorkerProcess, kill_strays
-from tests.support.env import ROOT, venv_binary
+from tests.bench.measure import Run, cpu_seconds, ms, quiesce, rss_bytes, run_calls, run_for
+from tests.bench.raw_side import CANCEL_REASON, Raw
+from tests.support.cluster import (
+    SERVICE_NAME,
+    Cluster,
+    Process,
+    Simulation,
+    WorkerProcess,
+    kill_strays,
+)
+from tests.support.env import ROOT, clean_environ, venv_binary
+from tests.support.keys import KEYS, key_variables
 from tests.support.orders import create_request, payment_request
+from tests.support.polling import eventually
 from tests.support.stack import Stack
 from tests.support.stats import percentile
 from workflows import models
 
 OUT_DIR = ROOT / "docs" / "performance"
 
-# The servicer's cap on each Temporal call (ServerSettings.temporal_rpc_timeout).
-RPC_TIMEOUT = timedelta(seconds=10)
+# The orders of the customer ListOrders lists, all on one page.
+LISTED = 10
+
 ZERO_DELAYS = Simulation(inventory=0, payment=0, prepare=0, ship=0, deliver=0, email=0)
-CANCEL_REASON = "Benchmark cancel"
+# The goal of issue 11: every RPC's server CPU within this of its floor.
+CPU_BUDGET = 250e-6
+# The goal for the latency the front adds to CreateOrder at one caller.
+ADDED_LATENCY_GOAL = 2e-3
 
 # The worker settings of the "plain" side: temporalio's own defaults.
 PLAIN_WORKER_ENV = {
@@ -92,91 +124,78 @@ class Sizes:
     rounds: int  # per side: raw, gRPC, raw, gRPC ... (2 rounds = 4 runs)
     create: int
     get: int
+    status: int
+    estimate: int
     pay: int
     cancel: int
     whole: int
+    list: int  # ListOrders pages, each of LISTED orders
+    health: int  # Health/Check calls after each gRPC round: grpc.aio's own cost
+    one_caller: int  # CreateOrder at one caller, per round
     devserver_rounds: int
     devserver_seconds: float
     devserver_warm_up: float
     parked_small: int
     parked_large: int
     parked_reads: int
+    sandbox_parked: int  # orders parked on each of the two sandbox workers
+    sandbox_whole: int  # whole orders per sandbox worker and round (2 rounds)
 
 
+# About 10 minutes on 2 cores (the parked and sandbox phases wait for the worker to take
+# each order: about 20 orders a second).
 FULL = Sizes(
-    rounds=4,
-    create=250,
-    get=1200,
-    pay=100,
-    cancel=100,
-    whole=80,
+    rounds=3,
+    create=150,
+    get=600,
+    status=400,
+    estimate=400,
+    # The writes take pending orders from the create phase's: 2 × rounds × (pay + cancel)
+    # must stay within 2 × rounds × create.
+    pay=70,
+    cancel=70,
+    whole=40,
+    list=150,
+    health=600,
+    one_caller=40,
     devserver_rounds=2,
-    devserver_seconds=15,
+    devserver_seconds=12,
     devserver_warm_up=8,
     parked_small=100,
-    parked_large=10_000,
-    parked_reads=3000,
+    parked_large=2500,
+    parked_reads=2000,
+    sandbox_parked=800,
+    sandbox_whole=30,
 )
 QUICK = Sizes(
     rounds=2,
     create=120,
     get=400,
+    status=200,
+    estimate=200,
     pay=60,
     cancel=60,
-    whole=60,
+    whole=40,
+    list=120,
+    health=400,
+    one_caller=30,
     devserver_rounds=2,
     devserver_seconds=10,
     devserver_warm_up=8,
     parked_small=100,
     parked_large=1000,
     parked_reads=400,
+    sandbox_parked=400,
+    sandbox_whole=20,
 )
 
 
 # --- Measuring -----------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds, from /proc/<pid>/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    # After "pid (comm) ": state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    """VmRSS of a process, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-@dataclass
-class Run:
-    """One round of one side: calls, their latencies, the wall time, the server's CPU."""
-
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    wall: float = 0.0
-    server_cpu: float = 0.0
-    # CPU cores used during the run: Temporal, worker, gRPC server, this driver.
-    cores: list[float] = field(default_factory=list)
-
-    def summary(self, unit: str = "/s") -> str:
-        """Calls per second, p50 and p99, the cores used and the first error, for the log."""
-        return (
-            f"{len(self.latencies) / self.wall:7.1f}{unit}"
-            f"  p50 {ms(percentile(self.latencies, 0.5))} ms"
-            f"  p99 {ms(percentile(self.latencies, 0.99))} ms"
-            + ("  cores " + "/".join(f"{c:.2f}" for c in self.cores) if self.cores else "")
-            + (f"  ERRORS {len(self.errors)}: {self.errors[0]}" if self.errors else "")
-        )
-
-
 @dataclass
 class Side:
-    """Every round of one side (raw or gRPC) of one comparison."""
+    """Every round of one side (raw, gRPC, or Health/Check) of one comparison."""
 
     runs: list[Run] = field(default_factory=list)
 
@@ -202,7 +221,8 @@ class Side:
 
     @property
     def cpu_per_call(self) -> float:
-        return sum(r.server_cpu for r in self.runs) / self.calls if self.calls else float("nan")
+        """CPU seconds of the process under test (server, or raw process) per call."""
+        return sum(r.cpu for r in self.runs) / self.calls if self.calls else float("nan")
 
 
 @dataclass
@@ -210,12 +230,17 @@ class Comparison:
     name: str
     raw_calls: str
     goal: float
+    # RPCs per call: 1, or 3 for a whole order (CreateOrder, ConfirmPayment, WatchOrder).
+    rpcs: int = 1
     raw: Side = field(default_factory=Side)
     grpc: Side = field(default_factory=Side)
+    # Health/Check after each gRPC round, at the same concurrency: grpc.aio's own cost.
+    health: Side = field(default_factory=Side)
 
     @property
     def ratio(self) -> float:
-        return self.grpc.throughput / self.raw.throughput
+        raw = self.raw.throughput
+        return self.grpc.throughput / raw if raw else float("nan")
 
     @property
     def met(self) -> bool:
@@ -226,103 +251,32 @@ class Comparison:
         """gRPC / raw throughput of each round pair (raw round n, gRPC round n)."""
         return [
             (len(g.latencies) / g.wall) / (len(r.latencies) / r.wall)
+            if r.latencies
+            else float("nan")
             for r, g in zip(self.raw.runs, self.grpc.runs, strict=True)
         ]
 
+    @property
+    def grpc_aio(self) -> float:
+        """grpc.aio's own cost for the call's RPCs: Health/Check's CPU per call, times rpcs."""
+        return self.health.cpu_per_call * self.rpcs
 
-async def run_calls(
-    count: int,
-    concurrency: int,
-    call: Callable[[int], Awaitable[object]],
-    *,
-    server_pid: int | None = None,
-) -> Run:
-    """`count` calls, `concurrency` callers at a time, each timed."""
-    run = Run()
-    indexes = iter(range(count))
+    @property
+    def floor(self) -> float:
+        """grpc.aio's cost for the RPCs plus the raw client's CPU per call, in seconds."""
+        return self.grpc_aio + self.raw.cpu_per_call
 
-    async def caller() -> None:
-        for i in indexes:
-            started = time.perf_counter()
-            try:
-                await call(i)
-            except Exception as err:
-                run.errors.append(f"{type(err).__name__}: {err}"[:300])
-                continue
-            run.latencies.append(time.perf_counter() - started)
+    @property
+    def over_floor(self) -> float:
+        return self.grpc.cpu_per_call - self.floor
 
-    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
-    started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    run.wall = time.perf_counter() - started
-    if server_pid:
-        run.server_cpu = cpu_seconds(server_pid) - cpu_before
-    return run
+    @property
+    def budget(self) -> float:
+        return CPU_BUDGET * self.rpcs
 
-
-async def run_for(
-    seconds: float,
-    concurrency: int,
-    call: Callable[[int], Awaitable[object]],
-    *,
-    warm_up: float,
-) -> Run:
-    """`concurrency` callers calling for `warm_up` + `seconds`; only the last `seconds` count.
-
-    For a side too slow for a fixed count of calls: its throughput is the calls
-    completed within the window, divided by the window, once `warm_up` (longer
-    than a call) has filled the pipeline, so that a slower side is not also
-    charged for a longer ramp. Calls running at the window's end finish (within
-    a minute) uncounted: no order is left half-way to load what comes next.
-    """
-    run = Run()
-    counter = iter(range(1 << 62))
-    began = time.perf_counter()
-    window = (began + warm_up, began + warm_up + seconds)
-    stopped = False
-
-    async def caller() -> None:
-        for i in counter:
-            started = time.perf_counter()
-            try:
-                await call(i)
-            except Exception as err:
-                # temporalio turns some cancellations into errors of its own.
-                if not stopped and time.perf_counter() >= window[0]:
-                    run.errors.append(f"{type(err).__name__}: {err}"[:300])
-                if stopped:
-                    return
-                continue
-            finished = time.perf_counter()
-            if window[0] <= finished <= window[1]:
-                run.latencies.append(finished - started)
-            if stopped:
-                return
-
-    tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
-    await asyncio.sleep(warm_up + seconds)
-    stopped = True
-    await asyncio.wait(tasks, timeout=60)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    run.wall = seconds
-    return run
-
-
-async def quiesce(pids: Sequence[int], *, idle_cores: float = 0.15, limit: float = 20.0) -> None:
-    """Waits until the processes use less than `idle_cores` CPU together (at most `limit` s).
-
-    Work a round left behind (workflows moving on after the calls returned)
-    then does not fall on the next round.
-    """
-    deadline = time.monotonic() + limit
-    window = 0.5
-    while time.monotonic() < deadline:
-        before = sum(cpu_seconds(p) for p in pids)
-        await asyncio.sleep(window)
-        if (sum(cpu_seconds(p) for p in pids) - before) / window < idle_cores:
-            return
+    @property
+    def cpu_met(self) -> bool:
+        return self.over_floor <= self.budget
 
 
 # --- The processes -------------------------------------------------------------------------------
@@ -344,8 +298,13 @@ class Processes:
         assert self.cluster.temporal is not None
         return self.cluster.temporal.process.pid
 
-    async def quiesce(self) -> None:
-        await quiesce(self.cluster.pids)
+    @property
+    def temporal_address(self) -> str:
+        assert self.cluster.temporal is not None
+        return self.cluster.temporal.address
+
+    async def quiesce(self, *more: int) -> None:
+        await quiesce([*self.cluster.pids, *more])
 
 
 async def start_processes(
@@ -360,7 +319,74 @@ async def start_processes(
     return Processes(cluster, await cluster.stack())
 
 
-# --- The calls, both ways ------------------------------------------------------------------------
+# Answers of the raw process carry every latency and order id of a round.
+_RAW_LINE_LIMIT = 1 << 24
+
+
+class RawProcess:
+    """The benchmark's raw process (tests/bench/raw_side.py), driven over its stdin."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+        self._process = process
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @classmethod
+    async def start(cls, processes: Processes) -> RawProcess:
+        cluster = processes.cluster
+        log_path = cluster.root / "logs" / "raw.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tests.bench.raw_side",
+                "--temporal-address",
+                processes.temporal_address,
+                "--task-queue",
+                cluster.task_queue,
+                cwd=ROOT,
+                # The keys the cluster gives the server and the workers.
+                env=clean_environ({"PYTHONUNBUFFERED": "1", **key_variables()}),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                limit=_RAW_LINE_LIMIT,
+            )
+        raw = cls(process, log_path)
+        async with asyncio.timeout(60):
+            await raw._answer()
+        return raw
+
+    async def _answer(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        line = await self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the raw process exited; its log: {self.log_path}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the raw process failed: {answer['error']}")
+        return answer
+
+    async def run(self, do: str, **arguments: object) -> tuple[Run, list[str]]:
+        """One command (see raw_side.perform): its round, and the orders it created."""
+        assert self._process.stdin is not None
+        self._process.stdin.write((json.dumps({"do": do, **arguments}) + "\n").encode())
+        await self._process.stdin.drain()
+        answer = await self._answer()
+        return Run.from_json(answer["run"]), answer["ids"]
+
+    async def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        await self._process.wait()
+
+
+# --- The calls -----------------------------------------------------------------------------------
 
 
 def payment(order_id: str) -> pb.ConfirmPaymentRequest:
@@ -369,52 +395,6 @@ def payment(order_id: str) -> pb.ConfirmPaymentRequest:
 
 def cancellation(order_id: str) -> pb.CancelOrderRequest:
     return pb.CancelOrderRequest(order_id=order_id, reason=CANCEL_REASON)
-
-
-class Raw:
-    """The Temporal calls the servicer makes, made directly with the temporalio client."""
-
-    def __init__(self, client: Client, task_queue: str) -> None:
-        self.client = client
-        self.task_queue = task_queue
-
-    def handle(self, order_id: str) -> WorkflowHandle[Any, Any]:
-        return self.client.get_workflow_handle(models.workflow_id_for(order_id))
-
-    async def start(self, order: models.OrderInput) -> WorkflowHandle[Any, Any]:
-        return await self.client.start_workflow(
-            models.WORKFLOW_NAME,
-            order,
-            id=models.workflow_id_for(order.order_id),
-            task_queue=self.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            rpc_timeout=RPC_TIMEOUT,
-        )
-
-    async def get(self, order_id: str) -> models.OrderState:
-        state: models.OrderState = await self.handle(order_id).query(
-            models.GET_FULL_STATE_QUERY, result_type=models.OrderState, rpc_timeout=RPC_TIMEOUT
-        )
-        return state
-
-    async def pay(self, request: pb.ConfirmPaymentRequest) -> None:
-        order_id, payment = validation.validate_confirm_payment(request)
-        await self._query_then_signal(order_id, models.CONFIRM_PAYMENT_SIGNAL, payment)
-
-    async def cancel(self, request: pb.CancelOrderRequest) -> None:
-        order_id, cancel = validation.validate_cancel_order(request)
-        await self._query_then_signal(order_id, models.CANCEL_ORDER_SIGNAL, cancel)
-
-    async def _query_then_signal(self, order_id: str, signal: str, arg: object) -> None:
-        """The servicer's writes: the query its precheck needs, then the signal (0009)."""
-        await self.get(order_id)
-        await self.handle(order_id).signal(signal, arg, rpc_timeout=RPC_TIMEOUT)
-
-
-def order_input(request: pb.CreateOrderRequest) -> models.OrderInput:
-    """The workflow input exactly as the server builds it (its default payment timeout)."""
-    return validation.validate_create_order(request)
 
 
 async def whole_order_grpc(stub: pb_grpc.OrderServiceAsyncStub) -> None:
@@ -427,53 +407,80 @@ async def whole_order_grpc(stub: pb_grpc.OrderServiceAsyncStub) -> None:
         raise RuntimeError(f"order {created.order_id} ended {last}")
 
 
-async def whole_order_raw(raw: Raw) -> None:
-    order = order_input(create_request())
-    handle = await raw.start(order)
-    await raw.pay(payment(order.order_id))
-    state = await raw.client.get_workflow_handle(handle.id, result_type=models.OrderState).result()
-    if state.status != models.OrderStatus.DELIVERED:
-        raise RuntimeError(f"order {order.order_id} ended {state.status}")
-
-
 # --- The phases ----------------------------------------------------------------------------------
 
 
 @dataclass
 class Bench:
     processes: Processes
-    raw: Raw
+    raw: RawProcess
     sizes: Sizes
     concurrency: int
     log: Callable[[str], None]
     # Orders created and waiting for payment, for the reads and the writes.
     pending: list[str] = field(default_factory=list)
 
+    @property
+    def pids(self) -> list[int]:
+        """Temporal, worker, gRPC server, raw process, this driver: the cores of a run."""
+        return [*self.processes.cluster.pids, self.raw.pid, os.getpid()]
+
+    async def side(self, measure: Callable[[], Awaitable[Run]]) -> Run:
+        """One round, once the processes are idle, with the cores each used during it."""
+        await self.processes.quiesce(self.raw.pid)
+        pids = self.pids
+        cpu_before = [cpu_seconds(pid) for pid in pids]
+        run = await measure()
+        run.cores = [
+            (cpu_seconds(pid) - before) / run.wall
+            for pid, before in zip(pids, cpu_before, strict=True)
+        ]
+        return run
+
     async def interleave(
         self,
         comparison: Comparison,
         count: int,
-        raw_call: Callable[[int, int], Awaitable[object]],
+        raw_round: Callable[[int], Awaitable[Run]],
         grpc_call: Callable[[int, int], Awaitable[object]],
+        *,
+        concurrency: int | None = None,
+        health_calls: int | None = None,
     ) -> Comparison:
-        """raw, gRPC, raw, gRPC ...: `count` calls each; the call gets (round, index)."""
-        pids = [*self.processes.cluster.pids, os.getpid()]
+        """raw, gRPC, Health/Check, raw, gRPC, Health/Check ...: `count` calls per side.
+
+        `raw_round(round)` runs a raw round in the raw process; the gRPC call
+        gets (round, index).
+        """
+        callers = concurrency or self.concurrency
+        server = self.processes.server_pid
+        health = health_pb2_grpc.HealthStub(self.processes.stack.channel)
+        check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         for round_ in range(self.sizes.rounds):
-            for side, call in (("raw", raw_call), ("gRPC", grpc_call)):
-                await self.processes.quiesce()
-                cpu_before = [cpu_seconds(pid) for pid in pids]
-                run = await run_calls(
-                    count,
-                    self.concurrency,
-                    lambda i, r=round_, c=call: c(r, i),  # type: ignore[misc]
-                    server_pid=self.processes.server_pid,
+            raw = await self.side(lambda r=round_: raw_round(r))  # type: ignore[misc]
+            comparison.raw.runs.append(raw)
+            grpc_run = await self.side(
+                lambda r=round_: run_calls(  # type: ignore[misc]
+                    count, callers, lambda i: grpc_call(r, i), cpu_of=server
                 )
-                (comparison.raw if side == "raw" else comparison.grpc).runs.append(run)
-                run.cores = [
-                    (cpu_seconds(pid) - before) / run.wall
-                    for pid, before in zip(pids, cpu_before, strict=True)
-                ]
-                self.log(f"  {comparison.name:<15} {side:<4} round {round_ + 1}: {run.summary()}")
+            )
+            comparison.grpc.runs.append(grpc_run)
+            comparison.health.runs.append(
+                await self.side(
+                    lambda: run_calls(
+                        health_calls or self.sizes.health,
+                        callers,
+                        lambda _i: health.Check(check),
+                        cpu_of=server,
+                    )
+                )
+            )
+            for side, run in (
+                ("raw", raw),
+                ("gRPC", grpc_run),
+                ("Health/Check", comparison.health.runs[-1]),
+            ):
+                self.log(f"  {comparison.name:<20} {side:<4} round {round_ + 1}: {run.summary()}")
         return comparison
 
     def take_pending(self, count: int) -> list[str]:
@@ -483,79 +490,121 @@ class Bench:
         return taken
 
     async def warm_up(self) -> None:
-        stub, raw = self.processes.stack.stub, self.raw
+        stub = self.processes.stack.stub
         for _ in range(10):
             await whole_order_grpc(stub)
-            await whole_order_raw(raw)
+        await self.raw.run("warm_up")
         created = await stub.CreateOrder(create_request())
         for _ in range(20):
             await stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id))
-            await raw.get(created.order_id)
-
-    async def grpc_floor(self, count: int) -> Side:
-        """Health/Check: what grpc.aio alone costs the server per unary RPC, no Temporal call."""
-        health = health_pb2_grpc.HealthStub(self.processes.stack.channel)
-        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-        await self.processes.quiesce()
-        side = Side()
-        side.runs.append(
-            await run_calls(
-                count,
-                self.concurrency,
-                lambda _i: health.Check(request),
-                server_pid=self.processes.server_pid,
-            )
-        )
-        return side
+            await stub.GetOrderStatus(pb.GetOrderStatusRequest(order_id=created.order_id))
 
     async def create(self) -> Comparison:
         n = self.sizes.create
-        inputs = [
-            [order_input(create_request()) for _ in range(n)] for _ in range(self.sizes.rounds)
-        ]
         requests = [create_request() for _ in range(n)]
 
-        async def raw_call(r: int, i: int) -> None:
-            order = inputs[r][i]
-            await self.raw.start(order)
-            self.pending.append(order.order_id)
+        async def raw_round(_r: int) -> Run:
+            run, ids = await self.raw.run("create", count=n, concurrency=self.concurrency)
+            self.pending += ids
+            return run
 
-        async def grpc_call(r: int, i: int) -> None:
+        async def grpc_call(_r: int, i: int) -> None:
             response = await self.processes.stack.stub.CreateOrder(requests[i])
             self.pending.append(response.order_id)
 
-        comparison = Comparison("CreateOrder", "start_workflow", 0.95)
-        return await self.interleave(comparison, n, raw_call, grpc_call)
+        comparison = Comparison("CreateOrder", "start_workflow (memo, search attributes)", 0.95)
+        return await self.interleave(comparison, n, raw_round, grpc_call)
+
+    async def read(self, name: str, count: int, seed: int) -> Comparison:
+        """GetOrder or GetOrderStatus: a describe and the memo decoded, on the same orders."""
+        rng = random.Random(seed)
+        ids = [rng.choice(self.pending) for _ in range(count)]
+        stub = self.processes.stack.stub
+
+        async def raw_round(_r: int) -> Run:
+            return (await self.raw.run("read", ids=ids, concurrency=self.concurrency))[0]
+
+        async def grpc_call(_r: int, i: int) -> object:
+            if name == "GetOrder":
+                return await stub.GetOrder(pb.GetOrderRequest(order_id=ids[i]))
+            if name == "GetEstimatedDelivery":
+                return await stub.GetEstimatedDelivery(
+                    pb.GetEstimatedDeliveryRequest(order_id=ids[i])
+                )
+            return await stub.GetOrderStatus(pb.GetOrderStatusRequest(order_id=ids[i]))
+
+        comparison = Comparison(name, "describe + memo decoded", 0.90)
+        return await self.interleave(comparison, count, raw_round, grpc_call)
 
     async def get(self) -> Comparison:
-        n = self.sizes.get
-        rng = random.Random(1)
-        ids = [rng.choice(self.pending) for _ in range(n)]
+        return await self.read("GetOrder", self.sizes.get, 1)
 
-        async def raw_call(r: int, i: int) -> None:
-            await self.raw.get(ids[i])
+    async def status(self) -> Comparison:
+        return await self.read("GetOrderStatus", self.sizes.status, 2)
 
-        async def grpc_call(r: int, i: int) -> None:
-            await self.processes.stack.stub.GetOrder(pb.GetOrderRequest(order_id=ids[i]))
+    async def estimate(self) -> Comparison:
+        return await self.read("GetEstimatedDelivery", self.sizes.estimate, 3)
 
-        comparison = Comparison("GetOrder", "query get_full_state", 0.90)
-        return await self.interleave(comparison, n, raw_call, grpc_call)
+    async def list(self) -> Comparison:
+        """ListOrders: one page of one customer's LISTED orders, created for it here."""
+        stub = self.processes.stack.stub
+        customer = f"CUST-BENCH-{uuid.uuid4().hex[:8].upper()}"
+        created_after = datetime.now(UTC) - timedelta(seconds=1)
+        for _ in range(LISTED):
+            await stub.CreateOrder(create_request(customer_id=customer))
+        since = Timestamp()
+        since.FromDatetime(created_after)
+        request = pb.ListOrdersRequest(
+            customer_id=customer, created_after=since, page_size=LISTED * 2
+        )
+        # Visibility lags the starts a little.
+        await eventually(
+            lambda: stub.ListOrders(request),
+            lambda page: len(page.orders) == LISTED,
+            what=f"{LISTED} orders listed",
+        )
+        count = self.sizes.list
+
+        async def raw_round(_r: int) -> Run:
+            run, _ids = await self.raw.run(
+                "list",
+                count=count,
+                concurrency=self.concurrency,
+                customer_id=customer,
+                created_after=created_after.isoformat(),
+                rows=LISTED,
+            )
+            return run
+
+        async def grpc_call(_r: int, _i: int) -> None:
+            page = await stub.ListOrders(request)
+            if len(page.orders) != LISTED:
+                raise RuntimeError(f"listed {len(page.orders)} orders, not {LISTED}")
+
+        comparison = Comparison(
+            "ListOrders",
+            f"list ({LISTED} rows, memo decoded) + list of their other runs",
+            0.90,
+        )
+        return await self.interleave(comparison, count, raw_round, grpc_call)
 
     async def pay(self) -> Comparison:
         stub = self.processes.stack.stub
         return await self.write(
-            Comparison("ConfirmPayment", f"query + signal {models.CONFIRM_PAYMENT_SIGNAL}", 0.90),
+            Comparison(
+                "ConfirmPayment", f"describe + signal {models.CONFIRM_PAYMENT_SIGNAL}", 0.90
+            ),
             self.sizes.pay,
-            lambda order_id: self.raw.pay(payment(order_id)),
+            "pay",
             lambda order_id: stub.ConfirmPayment(payment(order_id)),
         )
 
     async def cancel(self) -> Comparison:
         stub = self.processes.stack.stub
         return await self.write(
-            Comparison("CancelOrder", f"query + signal {models.CANCEL_ORDER_SIGNAL}", 0.90),
+            Comparison("CancelOrder", f"describe + signal {models.CANCEL_ORDER_SIGNAL}", 0.90),
             self.sizes.cancel,
-            lambda order_id: self.raw.cancel(cancellation(order_id)),
+            "cancel",
             lambda order_id: stub.CancelOrder(cancellation(order_id)),
         )
 
@@ -563,29 +612,53 @@ class Bench:
         self,
         comparison: Comparison,
         count: int,
-        raw_call: Callable[[str], Awaitable[object]],
+        raw_command: str,
         grpc_call: Callable[[str], Awaitable[object]],
     ) -> Comparison:
         """A write to pending orders: `count` of them for each side of each round."""
         orders = {
             (r, side): self.take_pending(count) for r in range(self.sizes.rounds) for side in "rg"
         }
+
+        async def raw_round(r: int) -> Run:
+            ids = orders[(r, "r")]
+            return (await self.raw.run(raw_command, ids=ids, concurrency=self.concurrency))[0]
+
         return await self.interleave(
-            comparison,
-            count,
-            lambda r, i: raw_call(orders[(r, "r")][i]),
-            lambda r, i: grpc_call(orders[(r, "g")][i]),
+            comparison, count, raw_round, lambda r, i: grpc_call(orders[(r, "g")][i])
         )
 
     async def whole(self) -> Comparison:
-        async def raw_call(r: int, i: int) -> None:
-            await whole_order_raw(self.raw)
+        n = self.sizes.whole
 
-        async def grpc_call(r: int, i: int) -> None:
+        async def raw_round(_r: int) -> Run:
+            return (await self.raw.run("whole", count=n, concurrency=self.concurrency))[0]
+
+        async def grpc_call(_r: int, _i: int) -> None:
             await whole_order_grpc(self.processes.stack.stub)
 
-        comparison = Comparison("Whole orders", "start + pay + result", 0.90)
-        return await self.interleave(comparison, self.sizes.whole, raw_call, grpc_call)
+        comparison = Comparison(
+            "Whole orders",
+            "start; describe + signal; history long-polled until delivered",
+            0.90,
+            rpcs=3,
+        )
+        return await self.interleave(comparison, n, raw_round, grpc_call)
+
+    async def one_caller(self) -> Comparison:
+        """CreateOrder at one caller: the latency the front adds to a start, and its CPU."""
+        n = self.sizes.one_caller
+
+        async def raw_round(_r: int) -> Run:
+            return (await self.raw.run("create", count=n, concurrency=1))[0]
+
+        async def grpc_call(_r: int, _i: int) -> None:
+            await self.processes.stack.stub.CreateOrder(create_request())
+
+        comparison = Comparison("CreateOrder", "start_workflow", 0.0)
+        return await self.interleave(
+            comparison, n, raw_round, grpc_call, concurrency=1, health_calls=n * 5
+        )
 
 
 # --- Dev server: plain vs tuned ------------------------------------------------------------------
@@ -695,7 +768,8 @@ class Parking:
         self.processes = processes
         self.worker = worker
         self.task_queue = worker.task_queue
-        self.raw = Raw(processes.stack.client, worker.task_queue)
+        # The driver's own client: parking is not measured, only what it leaves.
+        self.raw = Raw(processes.stack.client, worker.task_queue, KEYS.customer_id_key)
         self.parked: list[str] = []
         # Orders started but never parked: their first workflow task was never delivered.
         self.stuck: set[str] = set()
@@ -714,9 +788,9 @@ class Parking:
             # Start no faster than the worker takes the orders: a deep backlog of
             # first workflow tasks is not what is measured here.
             await backlog.below(PARKING_BACKLOG)
-            order = order_input(create_request())
-            await self.raw.start(order)
-            self.parked.append(order.order_id)
+            start = self.raw.new_order()
+            await self.raw.start(start)
+            self.parked.append(start.order.order_id)
 
         try:
             run = await run_calls(total - len(self.parked), concurrency, one)
@@ -783,7 +857,7 @@ async def parked_orders(
                 per_run,
                 concurrency,
                 lambda i, ids=ids: stub.GetOrder(pb.GetOrderRequest(order_id=ids[i])),  # type: ignore[misc]
-                server_pid=processes.server_pid,
+                cpu_of=processes.server_pid,
             )
             sides[name].runs.append(run)
             parked = sizes.parked_small if name == "small" else sizes.parked_large
@@ -809,6 +883,122 @@ async def parked_orders(
     return result
 
 
+# --- The workflow sandbox's cost -----------------------------------------------------------------
+
+
+async def start_passthrough_worker(cluster: Cluster, name: str) -> WorkerProcess:
+    """`python -m tests.bench.passthrough_worker`: the worker with every module passed through.
+
+    Started as Cluster.start_worker starts `python -m worker`, on a task queue of its own.
+    """
+    assert cluster.temporal is not None
+    task_queue = f"orders-{name}-{uuid.uuid4().hex[:8]}"
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.bench.passthrough_worker",
+        "--temporal-address",
+        cluster.temporal.address,
+        "--task-queue",
+        task_queue,
+    ]
+    env = clean_environ(
+        {
+            "PYTHONUNBUFFERED": "1",
+            **cluster.simulation.env(),
+            "ORDER_OUTBOX_DIR": str(cluster.outbox),
+            **key_variables(),
+        }
+    )
+    process = Process(f"worker-{name}", argv, env, cluster.root / "logs" / f"worker-{name}.log")
+    worker = WorkerProcess(process, cluster, task_queue)
+    cluster.workers.append(worker)
+    await worker.start()
+    return worker
+
+
+@dataclass
+class SandboxWorker:
+    """One worker of the sandbox phase: its memory before and after parking, its CPU per order."""
+
+    runner: str
+    parked: int
+    rss_before: int
+    rss_parked: int
+    # Whole orders on this worker alone; each Run's cpu is the worker's.
+    whole: Side
+
+    @property
+    def bytes_per_order(self) -> float:
+        return (self.rss_parked - self.rss_before) / self.parked
+
+    @property
+    def cpu_per_order(self) -> float:
+        return self.whole.cpu_per_call
+
+
+@dataclass
+class SandboxResult:
+    default: SandboxWorker
+    passthrough: SandboxWorker
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.default.cpu_per_order / self.passthrough.cpu_per_order
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.default.bytes_per_order / self.passthrough.bytes_per_order
+
+
+async def sandbox_cost(
+    processes: Processes, sizes: Sizes, concurrency: int, log: Callable[[str], None]
+) -> SandboxResult:
+    """The default sandbox against every module passed through (decision 0015).
+
+    Two workers of their own, `python -m worker` and the passthrough one: each
+    parks `sandbox_parked` orders (its VmRSS before and after), then runs
+    whole orders (start, pay, result, through the driver's client) in turn,
+    default, passthrough, default, passthrough, its CPU read over each round.
+    """
+    default = await Parking.open(processes, "sandbox-default")
+    passthrough = Parking(
+        processes, await start_passthrough_worker(processes.cluster, "sandbox-passthrough")
+    )
+    parkings = {"default sandbox": default, "all modules passed through": passthrough}
+    for parking in parkings.values():
+        for _ in range(5):  # every module imported, every path run once
+            await parking.raw.whole_order()
+    rss: dict[str, tuple[int, int]] = {}
+    for name, parking in parkings.items():
+        await quiesce([processes.temporal_pid, parking.worker.pid])
+        before = rss_bytes(parking.worker.pid)
+        await parking.park(sizes.sandbox_parked, concurrency, log)
+        rss[name] = (before, rss_bytes(parking.worker.pid))
+        log(
+            f"  {name}: VmRSS {before / 2**20:.0f} MiB, {rss[name][1] / 2**20:.0f} MiB with "
+            f"{sizes.sandbox_parked:,} parked"
+        )
+    sides = {name: Side() for name in parkings}
+    for round_ in range(2):
+        for name, parking in parkings.items():
+            await processes.quiesce()
+            run = await run_calls(
+                sizes.sandbox_whole,
+                concurrency,
+                lambda _i, p=parking: p.raw.whole_order(),  # type: ignore[misc]
+                cpu_of=parking.worker.pid,
+            )
+            sides[name].runs.append(run)
+            log(f"  whole orders, {name}, round {round_ + 1}: {run.summary(' orders/s')}")
+    workers = [
+        SandboxWorker(name, sizes.sandbox_parked, *rss[name], sides[name]) for name in parkings
+    ]
+    for parking in parkings.values():
+        await parking.worker.kill()
+    return SandboxResult(*workers)
+
+
 # --- Report --------------------------------------------------------------------------------------
 
 
@@ -831,16 +1021,21 @@ def machine() -> str:
     )
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f}"
+
+
+def check(met: bool) -> str:
+    return "✅" if met else "❌"
 
 
 @dataclass
 class Report:
     comparisons: list[Comparison]
-    floor: Side | None
+    one_caller: Comparison | None
     devserver: DevServerResult | None
     parked: ParkedResult | None
+    sandbox: SandboxResult | None
     concurrency: int
     sizes: Sizes
     quick: bool
@@ -862,43 +1057,89 @@ class Report:
             "",
             f"Machine: {machine()}; {self.temporal_version}. "
             f"Load average before / after: {self.load_before[0]:.2f} / {self.load_after[0]:.2f} "
-            "(the machine is shared: numbers are noisy).",
+            "(the machine is shared: numbers are noisy; compare within one run).",
             "",
-            "Writes: the servicer makes a query, then a signal for ConfirmPayment and "
-            "CancelOrder (decision 0009); the raw side makes the same calls.",
-            "",
-            "| operation | raw calls | raw /s | gRPC /s | **gRPC / raw** | goal | per round "
-            "| raw p50 ms | gRPC p50 ms | raw p99 ms | gRPC p99 ms | server CPU / call |",
-            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+            "The raw side makes the servicer's Temporal calls (decision 0016) straight through "
+            "temporalio, in a process of its own (`tests/bench/raw_side.py`), connected as the "
+            "server is.",
         ]
-        for c in self.comparisons:
-            lines.append(
-                f"| {c.name} | {c.raw_calls} | {c.raw.throughput:.1f} | {c.grpc.throughput:.1f} "
-                f"| **{ratio_text(c.ratio, c.goal)}** {'✅' if c.met else '❌'} | ≥ {c.goal:.2f} "
-                f"| {min(c.round_ratios):.2f}–{max(c.round_ratios):.2f} "
-                f"| {ms(c.raw.p(0.5))} | {ms(c.grpc.p(0.5))} | {ms(c.raw.p(0.99))} "
-                f"| {ms(c.grpc.p(0.99))} | {c.grpc.cpu_per_call * 1e6:.0f} µs |"
-            )
-        errors = [(c.name, e) for c in self.comparisons for e in c.raw.errors + c.grpc.errors]
-        lines.append("")
-        lines.append(
-            "Throughput is calls (orders, for whole orders) per second over all rounds of a side; "
-            "per round: the lowest and highest gRPC / raw of one round pair. Server CPU / call: "
-            "the gRPC server process's utime + stime over its rounds, per call (per order for "
-            "whole orders: CreateOrder, ConfirmPayment and a WatchOrder stream)."
-        )
-        if self.floor is not None:
-            lines.append("")
-            lines.append(
-                f"For scale, grpc.aio alone (Health/Check, no Temporal call) costs the server "
-                f"{self.floor.cpu_per_call * 1e6:.0f} µs of CPU per RPC "
-                f"({self.floor.throughput:.0f} RPC/s)."
-            )
-        lines.append("")
-        lines.append(
-            f"Errors: {len(errors)}"
-            + (f" (first: {errors[0][0]}: {errors[0][1]})" if errors else "")
-        )
+        if self.comparisons:
+            lines += [
+                "",
+                "## CPU per RPC against its floor",
+                "",
+                "| RPC | Temporal calls (raw side) | server CPU / call "
+                "| floor: grpc.aio + raw client | over the floor | goal: floor + 250 µs "
+                "| gRPC / raw throughput | ratio goal |",
+                "|---|---|---:|---:|---:|:-:|---:|:-:|",
+            ]
+            for c in self.comparisons:
+                per = " / order" if c.rpcs > 1 else ""
+                lines.append(
+                    f"| {c.name} | {c.raw_calls} | {us(c.grpc.cpu_per_call)} µs{per} "
+                    f"| {us(c.floor)} µs ({us(c.grpc_aio)} + {us(c.raw.cpu_per_call)}) "
+                    f"| {c.over_floor * 1e6:+,.0f} µs "
+                    f"| ≤ {us(c.floor + c.budget)} µs {check(c.cpu_met)} "
+                    f"| {ratio_text(c.ratio, c.goal)} | ≥ {c.goal:.2f} {check(c.met)} |"
+                )
+            lines += [
+                "",
+                "Server CPU / call: the gRPC server process's CPU time (utime + stime) over "
+                "its rounds, divided by its calls. The floor is grpc.aio's own cost per RPC, "
+                "Health/Check on the same server at the same concurrency right after each gRPC "
+                "round, plus the raw process's CPU per call over its rounds for the same "
+                "Temporal calls. A whole order is three RPCs (CreateOrder, ConfirmPayment and "
+                "a WatchOrder stream until delivered): three Health/Checks in its floor, and "
+                "3 × 250 µs of budget.",
+            ]
+        if self.comparisons:
+            lines += [
+                "",
+                f"## Throughput and latency, {self.concurrency} callers",
+                "",
+                "| operation | raw /s | gRPC /s | **gRPC / raw** | goal | per round "
+                "| raw p50 ms | gRPC p50 ms | raw p99 ms | gRPC p99 ms |",
+                "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+            ]
+            for c in self.comparisons:
+                lines.append(
+                    f"| {c.name} | {c.raw.throughput:.1f} | {c.grpc.throughput:.1f} "
+                    f"| **{ratio_text(c.ratio, c.goal)}** {check(c.met)} | ≥ {c.goal:.2f} "
+                    f"| {min(c.round_ratios):.2f}–{max(c.round_ratios):.2f} "
+                    f"| {ms(c.raw.p(0.5))} | {ms(c.grpc.p(0.5))} | {ms(c.raw.p(0.99))} "
+                    f"| {ms(c.grpc.p(0.99))} |"
+                )
+            errors = [(c.name, e) for c in self.comparisons for e in c.raw.errors + c.grpc.errors]
+            lines += [
+                "",
+                "Throughput is calls (orders, for whole orders) per second over all rounds of "
+                "a side; per round: the lowest and highest gRPC / raw of one round pair.",
+                "",
+                f"Errors: {len(errors)}"
+                + (f" (first: {errors[0][0]}: {errors[0][1]})" if errors else ""),
+            ]
+        if self.one_caller is not None:
+            c = self.one_caller
+            added = c.grpc.p(0.5) - c.raw.p(0.5)
+            lines += [
+                "",
+                "## Added latency at one caller",
+                "",
+                f"CreateOrder through gRPC against the raw start, one caller, "
+                f"{self.sizes.one_caller} calls per round, interleaved: p50 "
+                f"**{ms(c.grpc.p(0.5))} ms** against **{ms(c.raw.p(0.5))} ms**, "
+                f"**{added * 1000:+.1f} ms** added (goal ≤ {ADDED_LATENCY_GOAL * 1000:.0f} ms: "
+                f"{'met ✅' if added <= ADDED_LATENCY_GOAL else 'not met ❌'}); p99 "
+                f"{ms(c.grpc.p(0.99))} ms against {ms(c.raw.p(0.99))} ms. At one caller the "
+                f"server spent {us(c.grpc.cpu_per_call)} µs of CPU per CreateOrder against a "
+                f"floor of {us(c.floor)} µs ({us(c.health.cpu_per_call)} for grpc.aio, "
+                f"{us(c.raw.cpu_per_call)} for the raw client's start)."
+                + (
+                    f" Errors: {len(c.raw.errors + c.grpc.errors)}."
+                    if c.raw.errors or c.grpc.errors
+                    else ""
+                ),
+            ]
         if self.devserver is not None:
             d = self.devserver
             lines += [
@@ -950,6 +1191,33 @@ class Report:
                     else ""
                 ),
             ]
+        if self.sandbox is not None:
+            s = self.sandbox
+            lines += [
+                "",
+                "## The workflow sandbox's cost",
+                "",
+                f"Two workers of their own on the same dev server: `python -m worker` (the "
+                f"default sandbox, decision 0015) and `python -m tests.bench.passthrough_worker` "
+                f"(every module passed through, as before it). Each parks "
+                f"{s.default.parked:,} orders, then runs whole orders ({self.sizes.sandbox_whole} "
+                f"per round, two rounds each, in turn), its CPU read over each round.",
+                "",
+                "| workflow runner | worker CPU / whole order | VmRSS before → parked "
+                "| memory / parked order |",
+                "|---|---:|---:|---:|",
+            ]
+            for w in (s.default, s.passthrough):
+                lines.append(
+                    f"| {w.runner} | {w.cpu_per_order * 1000:.1f} ms "
+                    f"| {w.rss_before / 2**20:.0f} → {w.rss_parked / 2**20:.0f} MiB "
+                    f"| {w.bytes_per_order / 1024:.0f} KiB |"
+                )
+            lines += [
+                "",
+                f"The default sandbox costs **{s.cpu_ratio:.2f}×** the worker CPU per order and "
+                f"**{s.memory_ratio:.2f}×** the memory per cached order.",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -965,36 +1233,57 @@ def chart(report: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    comparisons = report.comparisons
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     (left, right), (dev, parked) = axes
-    names = [c.name for c in comparisons]
-    xs = list(range(len(comparisons)))
-    width = 0.38
-    left.bar(
-        [x - width / 2 for x in xs],
-        [c.raw.throughput for c in comparisons],
-        width,
-        label="raw temporalio",
-    )
-    left.bar(
-        [x + width / 2 for x in xs], [c.grpc.throughput for c in comparisons], width, label="gRPC"
-    )
-    left.set_yscale("log")
-    left.set_xticks(xs, names, rotation=15)
-    left.set_ylabel("calls (orders) per second, log scale")
-    left.set_title(f"Throughput, {report.concurrency} concurrent callers each side")
-    left.legend()
-    ratios = [c.ratio for c in comparisons]
-    colors = ["tab:green" if c.met else "tab:red" for c in comparisons]
-    right.bar(xs, ratios, 0.6, color=colors)
-    for x, c in zip(xs, comparisons, strict=True):
-        right.plot([x - 0.35, x + 0.35], [c.goal, c.goal], color="black", linestyle="--")
-        right.text(x, c.ratio + 0.02, ratio_text(c.ratio, c.goal), ha="center")
-    right.set_xticks(xs, names, rotation=15)
-    right.set_ylim(0, max(1.2, max(ratios) + 0.15))
-    right.set_ylabel("gRPC / raw throughput")
-    right.set_title("gRPC / raw (dashed: goal; green: met)")
+    # Single RPCs only: a whole order's CPU would dwarf them.
+    rpcs = [c for c in report.comparisons if c.rpcs == 1]
+    if rpcs:
+        names = [c.name for c in rpcs]
+        xs = list(range(len(rpcs)))
+        width = 0.38
+        grpc_aio = [c.grpc_aio * 1e6 for c in rpcs]
+        raw_client = [c.raw.cpu_per_call * 1e6 for c in rpcs]
+        left.bar([x - width / 2 for x in xs], grpc_aio, width, label="floor: grpc.aio")
+        left.bar(
+            [x - width / 2 for x in xs],
+            raw_client,
+            width,
+            bottom=grpc_aio,
+            label="floor: raw temporalio client",
+        )
+        left.bar(
+            [x + width / 2 for x in xs],
+            [c.grpc.cpu_per_call * 1e6 for c in rpcs],
+            width,
+            color=["tab:green" if c.cpu_met else "tab:red" for c in rpcs],
+            label="gRPC server (green: within budget)",
+        )
+        for x, c in zip(xs, rpcs, strict=True):
+            budget = (c.floor + c.budget) * 1e6
+            left.plot([x - 0.4, x + 0.4], [budget, budget], color="black", linestyle="--")
+        left.set_xticks(xs, names, rotation=15)
+        left.set_ylabel("CPU per call, µs")
+        left.set_title("Server CPU per RPC against its floor (dashed: floor + 250 µs)")
+        left.legend(fontsize="small")
+    else:
+        left.set_axis_off()
+    comparisons = report.comparisons
+    if comparisons:
+        xs = list(range(len(comparisons)))
+        ratios = [c.ratio for c in comparisons]
+        colors = ["tab:green" if c.met else "tab:red" for c in comparisons]
+        right.bar(xs, ratios, 0.6, color=colors)
+        for x, c in zip(xs, comparisons, strict=True):
+            right.plot([x - 0.35, x + 0.35], [c.goal, c.goal], color="black", linestyle="--")
+            right.text(x, c.ratio + 0.02, ratio_text(c.ratio, c.goal), ha="center")
+        right.set_xticks(xs, [c.name for c in comparisons], rotation=15)
+        right.set_ylim(0, max(1.2, max(ratios) + 0.15))
+        right.set_ylabel("gRPC / raw throughput")
+        right.set_title(
+            f"gRPC / raw, {report.concurrency} callers each side (dashed: goal; green: met)"
+        )
+    else:
+        right.set_axis_off()
     if report.devserver is not None:
         d = report.devserver
         values = [d.plain.throughput, d.tuned.throughput]
@@ -1046,6 +1335,9 @@ def temporal_version() -> str:
     return out.stdout.strip() or "temporal CLI"
 
 
+COMPARED = ("create", "get", "status", "estimate", "pay", "cancel", "list", "whole")
+
+
 async def main(args: argparse.Namespace) -> Report:
     sizes = QUICK if args.quick else FULL
     started_at = datetime.now(UTC)
@@ -1059,22 +1351,27 @@ async def main(args: argparse.Namespace) -> Report:
     root = Path(tempfile.mkdtemp(prefix="orders-bench-"))
     log(f"processes and logs under {root}; dev server tuning: {' '.join(tuning)}")
     clusters: list[Cluster] = []
+    raw: RawProcess | None = None
     try:
         tuned = await start_processes(root, "tuned", tuning=tuning, worker_env={})
         clusters.append(tuned.cluster)
-        bench = Bench(
-            tuned, Raw(tuned.stack.client, tuned.stack.task_queue), sizes, args.concurrency, log
-        )
+        raw = await RawProcess.start(tuned)
+        bench = Bench(tuned, raw, sizes, args.concurrency, log)
         log("started; warming up")
         await bench.warm_up()
         comparisons: list[Comparison] = []
-        floor = await bench.grpc_floor(sizes.get)
         for phase in args.phases:
-            if phase in ("create", "get", "pay", "cancel", "whole"):
-                if phase != "create" and not bench.pending and phase != "whole":
+            if phase in COMPARED:
+                if phase not in ("create", "list", "whole") and not bench.pending:
                     raise SystemExit(f"phase {phase} needs the create phase first")
                 log(f"{phase}")
                 comparisons.append(await getattr(bench, phase)())
+        one_caller = None
+        if "one-caller" in args.phases:
+            log("CreateOrder at one caller")
+            one_caller = await bench.one_caller()
+        await raw.stop()
+        raw = None
         devserver = None
         if "devserver" in args.phases:
             log("dev server: plain vs tuned")
@@ -1090,10 +1387,16 @@ async def main(args: argparse.Namespace) -> Report:
         if "parked" in args.phases:
             log("parked orders")
             parked = await parked_orders(tuned, sizes, args.concurrency, log)
+        sandbox = None
+        if "sandbox" in args.phases:
+            log("the workflow sandbox: default vs every module passed through")
+            sandbox = await sandbox_cost(tuned, sizes, args.concurrency, log)
     except BaseException:
         log(f"failed: the processes' logs are under {root}")
         raise
     finally:
+        if raw is not None:
+            await raw.stop()
         for cluster in clusters:
             with contextlib.suppress(Exception):
                 await cluster.shutdown()
@@ -1102,9 +1405,10 @@ async def main(args: argparse.Namespace) -> Report:
     shutil.rmtree(root, ignore_errors=True)
     return Report(
         comparisons=comparisons,
-        floor=floor,
+        one_caller=one_caller,
         devserver=devserver,
         parked=parked,
+        sandbox=sandbox,
         concurrency=args.concurrency,
         sizes=sizes,
         quick=args.quick,
@@ -1116,7 +1420,7 @@ async def main(args: argparse.Namespace) -> Report:
     )
 
 
-PHASES = ("create", "get", "pay", "cancel", "whole", "devserver", "parked")
+PHASES = (*COMPARED, "one-caller", "devserver", "parked", "sandbox")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1167,8 +1471,7 @@ def run(argv: Sequence[str]) -> int:
     print(f"\n{results}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(results)
-    if report.comparisons:
-        chart(report, args.out / "chart.png")
+    chart(report, args.out / "chart.png")
     print(f"\nwrote {args.out / 'results.md'} and {args.out / 'chart.png'}")
     return 0
 
