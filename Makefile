@@ -18,13 +18,25 @@ TEMPORAL_UI_PORT ?= 8233
 # transactions (docs/performance/README.md). `make run TEMPORAL_TUNING=` for the defaults.
 TEMPORAL_TUNING ?= --sqlite-pragma journal_mode=wal --sqlite-pragma synchronous=normal
 
+# The keys every payload is encrypted with (docs/decisions/0017). Without ORDER_KEYS_FILE
+# (or ORDER_PAYLOAD_KEYS and ORDER_CUSTOMER_ID_KEY), a development keys file is made on the
+# first start and kept: the orders in $(TEMPORAL_DB) cannot be read without it.
+DEV_KEYS_FILE ?= .temporal/keys.toml
+KEYS_FILE = $(or $(ORDER_KEYS_FILE),$(DEV_KEYS_FILE))
+KEYS_FLAGS = $(if $(ORDER_PAYLOAD_KEYS),,--keys-file $(KEYS_FILE))
+DEV_KEYS = $(if $(ORDER_KEYS_FILE)$(ORDER_PAYLOAD_KEYS),,$(DEV_KEYS_FILE))
+# The codec server: the Web UI (and `temporal --codec-endpoint`) decrypt orders through it.
+CODEC_PORT ?= 8081
+CODEC_URL = http://localhost:$(CODEC_PORT)
+UI_ORIGINS = http://localhost:$(TEMPORAL_UI_PORT),http://127.0.0.1:$(TEMPORAL_UI_PORT)
+
 # The custom search attributes ListOrders filters on (workflows/search_attributes.py).
 SEARCH_ATTRIBUTES = $(shell $(PY) -m workflows.search_attributes)
 
 export PATH := $(BIN):$(PATH)
 SHELL := /bin/bash
 
-.PHONY: install run temporal worker server proto docs lint test test-faults mutate bench clean
+.PHONY: install run temporal worker server codec proto docs lint test test-faults mutate bench dist clean
 
 install: $(STAMP)
 
@@ -33,18 +45,27 @@ $(STAMP): pyproject.toml uv.lock
 	$(BIN)/uv sync --locked --quiet
 	@touch $@
 
-## run: the whole system (Temporal dev server + worker + gRPC server); Ctrl-C stops it all.
+$(DEV_KEYS_FILE): | $(STAMP)
+	@$(PY) -m infra.keys new $@
+	@echo "Made a development key in $@: keep it, the orders it encrypts need it."
+
+## run: the whole system (Temporal dev server + worker + gRPC server + codec server); Ctrl-C
+## stops it all.
 # Background jobs of a non-interactive shell ignore SIGINT, so Ctrl-C reaches
-# only this shell; its trap stops the server and worker first, Temporal last.
-run: install
+# only this shell; its trap stops the server, worker and codec server first, Temporal last.
+run: install $(DEV_KEYS)
 	@mkdir -p $(dir $(TEMPORAL_DB))
 	@set -u; \
 	temporal server start-dev --db-filename $(TEMPORAL_DB) --port $(TEMPORAL_PORT) \
-		--ui-port $(TEMPORAL_UI_PORT) --log-level error $(TEMPORAL_TUNING) $(SEARCH_ATTRIBUTES) & temporal_pid=$$!; \
-	$(PY) -m worker --temporal-address localhost:$(TEMPORAL_PORT) & worker_pid=$$!; \
-	$(PY) -m server --temporal-address localhost:$(TEMPORAL_PORT) & server_pid=$$!; \
+		--ui-port $(TEMPORAL_UI_PORT) --ui-codec-endpoint $(CODEC_URL) \
+		--log-level error $(TEMPORAL_TUNING) $(SEARCH_ATTRIBUTES) & temporal_pid=$$!; \
+	$(PY) -m worker --temporal-address localhost:$(TEMPORAL_PORT) $(KEYS_FLAGS) & worker_pid=$$!; \
+	$(PY) -m server --temporal-address localhost:$(TEMPORAL_PORT) $(KEYS_FLAGS) & server_pid=$$!; \
+	$(PY) -m server.codec_server --port $(CODEC_PORT) --allowed-origins $(UI_ORIGINS) \
+		$(KEYS_FLAGS) & codec_pid=$$!; \
 	stop() { trap - INT TERM; echo; echo "Stopping..."; \
-		kill -TERM $$server_pid $$worker_pid 2>/dev/null; wait $$server_pid $$worker_pid 2>/dev/null; \
+		kill -TERM $$server_pid $$worker_pid $$codec_pid 2>/dev/null; \
+		wait $$server_pid $$worker_pid $$codec_pid 2>/dev/null; \
 		kill -TERM $$temporal_pid 2>/dev/null; wait $$temporal_pid 2>/dev/null; exit 0; }; \
 	trap stop INT TERM; \
 	for i in $$(seq 120); do \
@@ -52,25 +73,32 @@ run: install
 			grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"' && break; sleep 0.5; done; \
 	echo; \
 	echo "  OrderService  localhost:$${ORDER_SERVICE_PORT:-50051}  (grpcurl -plaintext localhost:$${ORDER_SERVICE_PORT:-50051} list)"; \
-	echo "  Temporal UI   http://localhost:$(TEMPORAL_UI_PORT)"; \
-	echo "  State         $(TEMPORAL_DB)   Emails  $${ORDER_SMTP_HOST:-outbox/}"; \
+	echo "  Temporal UI   http://localhost:$(TEMPORAL_UI_PORT)  (orders decrypted by the codec server)"; \
+	echo "  Codec server  $(CODEC_URL)  (temporal workflow show --detailed --codec-endpoint $(CODEC_URL) -w order-...)"; \
+	echo "  State         $(TEMPORAL_DB)   Keys  $(if $(ORDER_PAYLOAD_KEYS),ORDER_PAYLOAD_KEYS,$(KEYS_FILE))   Emails  $${ORDER_SMTP_HOST:-outbox/}"; \
 	echo "  The grpcurl walkthrough (docs/walkthrough.md) works from here. Ctrl-C stops everything."; \
 	echo; \
 	wait -n; echo "A component exited; stopping the rest."; stop
 
-## temporal: only the Temporal dev server, state in $(TEMPORAL_DB), UI on $(TEMPORAL_UI_PORT).
+## temporal: only the Temporal dev server, state in $(TEMPORAL_DB), UI on $(TEMPORAL_UI_PORT)
+## (decoding with the codec server of `make codec`).
 temporal: install
 	@mkdir -p $(dir $(TEMPORAL_DB))
 	temporal server start-dev --db-filename $(TEMPORAL_DB) $(TEMPORAL_TUNING) \
-		--port $(TEMPORAL_PORT) --ui-port $(TEMPORAL_UI_PORT) --log-level warn $(SEARCH_ATTRIBUTES)
+		--port $(TEMPORAL_PORT) --ui-port $(TEMPORAL_UI_PORT) --ui-codec-endpoint $(CODEC_URL) \
+		--log-level warn $(SEARCH_ATTRIBUTES)
 
 ## worker: only the Temporal worker (workflow + activities).
-worker: install
-	$(PY) -m worker
+worker: install $(DEV_KEYS)
+	$(PY) -m worker $(KEYS_FLAGS)
 
 ## server: only the gRPC server, on port 50051 unless ORDER_SERVICE_PORT says otherwise.
-server: install
-	$(PY) -m server
+server: install $(DEV_KEYS)
+	$(PY) -m server $(KEYS_FLAGS)
+
+## codec: only the codec server, on $(CODEC_URL), for the Web UI and `temporal --codec-endpoint`.
+codec: install $(DEV_KEYS)
+	$(PY) -m server.codec_server --port $(CODEC_PORT) --allowed-origins $(UI_ORIGINS) $(KEYS_FLAGS)
 
 ## proto: regenerate generated/ from protos/.
 proto: install
@@ -80,12 +108,17 @@ proto: install
 docs: install
 	$(PY) -m tests.support.docs
 
-## lint: ruff, mypy and buf lint.
+## lint: ruff, mypy, buf lint, and buf breaking against the API's previous version on main.
+# That version is the last committed one that differs from the .proto files as they
+# are: HEAD while one has uncommitted changes, else (a clean tree, as CI's fresh
+# clone) the parent of the last commit that changed one. buf reads it from .git,
+# offline; the rules are buf.yaml's (protos/breaking.py, docs/decisions/0018).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/buf lint
+	$(PY) protos/breaking.py
 
 ## test: the whole suite, against a real Temporal dev server and real gRPC servers it starts itself.
 test: install
@@ -105,6 +138,14 @@ mutate: install
 bench: install
 	$(PY) -m tests.bench.benchmark --temporal-tuning="$(TEMPORAL_TUNING)" $(ARGS)
 	$(PY) -m tests.bench.call_counts
+
+## dist: the client package for other services (generated code + acme_orders_client), as a wheel
+## and an sdist in dist/: acme_orders_api-<version>-py3-none-any.whl (docs/client.md).
+DIST_DIR ?= dist
+dist: install
+	rm -f $(DIST_DIR)/acme_orders_api-*
+	$(BIN)/uv build --quiet --out-dir $(DIST_DIR) generated
+	@ls -1 $(DIST_DIR)/acme_orders_api-*
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

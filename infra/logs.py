@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TextIO
 
 from temporalio import activity
 
+from infra import tracing
 from infra.settings import Lowercase, Options, Uppercase, setting
 from workflows import models
 
@@ -21,6 +22,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _FIELD_ORDER = (
     "rpc",
+    "caller",
     "order_id",
     "workflow_id",
     "run_id",
@@ -28,6 +30,8 @@ _FIELD_ORDER = (
     "activity",
     "activity_id",
     "attempt",
+    "trace_id",
+    "span_id",
 )
 # The order's workflow id is this prefix and the order id (models.workflow_id_for).
 _WORKFLOW_ID_PREFIX = models.workflow_id_for("")
@@ -53,17 +57,26 @@ class RpcContext:
 
     rpc: str
     order_id: str = ""
+    # Who is calling (a tokens-file name, jwt:<hash>); "" where nothing authenticates.
+    caller: str = ""
 
 
 # grpc.aio serves each RPC in a task of its own, so a value set while serving
 # one RPC is seen by its own lines only (and by tasks it starts).
 _current_rpc: ContextVar[RpcContext | None] = ContextVar("order_rpc", default=None)
+# Set by the auth interceptor before the RPC's handler runs, in the RPC's own task.
+_current_caller: ContextVar[str] = ContextVar("order_caller", default="")
+
+
+def set_caller(name: str) -> None:
+    """Names the caller of the RPC being served on every line it logs from here on."""
+    _current_caller.set(name)
 
 
 @contextmanager
 def rpc_context(rpc: str, order_id: str = "") -> Iterator[None]:
     """Marks every line logged inside the block, in this task, as about this RPC."""
-    token = _current_rpc.set(RpcContext(rpc, order_id))
+    token = _current_rpc.set(RpcContext(rpc, order_id, _current_caller.get()))
     try:
         yield
     finally:
@@ -111,6 +124,8 @@ def context_fields(record: logging.LogRecord) -> dict[str, Any]:
     call = _current_rpc.get()
     if call is not None:
         fields["rpc"] = call.rpc
+        if call.caller:
+            fields["caller"] = call.caller
         if call.order_id:
             fields["order_id"] = call.order_id
             fields["workflow_id"] = models.workflow_id_for(call.order_id)
@@ -122,6 +137,7 @@ def context_fields(record: logging.LogRecord) -> dict[str, Any]:
         order_id = order_id_from_workflow_id(workflow_id)
         if order_id is not None:
             fields["order_id"] = order_id
+    fields.update(tracing.current_ids())  # the span current when the line was logged
     # The same order of keys on every line, the most useful first.
     return {key: fields[key] for key in _FIELD_ORDER if key in fields}
 
@@ -140,6 +156,26 @@ class OrderContextFilter(logging.Filter):
 
 
 # --- Formats ----------------------------------------------------------------------
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, then `caller=<name>` on the lines of an RPC whose caller is known, and
+    `trace_id=... span_id=...` on lines logged while a span was current."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        context: dict[str, Any] | None = getattr(record, "order_context", None)
+        fields = context if context is not None else context_fields(record)
+        caller = fields.get("caller")
+        # The audit's and the auth refusals' messages name the caller themselves.
+        if caller and f"caller={caller}" not in text:
+            text += f" caller={caller}"
+        if "trace_id" in fields:
+            text += f" trace_id={fields['trace_id']} span_id={fields['span_id']}"
+        return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -168,9 +204,7 @@ def configure(settings: LogSettings, stream: TextIO | None = None) -> None:
     """Sends every logger's lines to `stream` (stderr) in the chosen format and level."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.addFilter(OrderContextFilter())
-    handler.setFormatter(
-        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 from infra import logs
+from infra.keys import KeySettings
 from infra.process_exit import exit_without_finalization
 from infra.settings import ProcessSettings
 
@@ -24,11 +25,14 @@ def run(
 ) -> NoReturn:
     """Runs `service(settings, stop)` with the settings from the command line and environment.
 
-    Exit status: 0 when it stopped, 2 for bad settings, 1 when it failed, 130
-    after a second signal.
+    Exit status: 0 when it stopped, 2 for bad settings (no keys, for a process
+    with KeySettings), 1 when it failed, 130 after a second signal.
     """
     settings = settings_class.from_args(sys.argv[1:])
     assert isinstance(settings, logs.LogSettings)
+    if isinstance(settings, KeySettings) and not settings.has_keys:
+        # Secure by default: a process that reads or writes orders never runs without keys.
+        settings_class.parser().error(settings.missing_keys_message())
     logs.configure(settings)
     try:
         asyncio.run(_until_signalled(service, settings))

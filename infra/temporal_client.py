@@ -9,11 +9,13 @@ import dataclasses
 import ipaddress
 import logging
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self, TypeVar
 
 from pydantic import PrivateAttr, SecretStr, model_validator
-from temporalio.client import Client, PayloadLimitsConfig
+from temporalio.client import Client, Interceptor, PayloadLimitsConfig
+from temporalio.converter import DataConverter
 from temporalio.envconfig import (
     ClientConfigProfile,
     ClientConfigTLS,
@@ -23,12 +25,16 @@ from temporalio.envconfig import (
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
+    MetricBuffer,
+    MetricBufferDurationFormat,
     PrometheusConfig,
     Runtime,
     TelemetryConfig,
     TelemetryFilter,
 )
 
+from infra import codec
+from infra.keys import Keys
 from infra.settings import ExistingFile, Options, Text, secret_value, setting
 from workflows.models import DEFAULT_TASK_QUEUE
 
@@ -158,6 +164,8 @@ class TemporalSettings(Options):
 # Well above an order's state (about 1 KiB; 16 KiB with 100 items), well below
 # the server's memo limit (2 MiB by default).
 MEMO_WARN_SIZE = 64 * 1024
+# Core drops metric updates past this many between two drains (two or three per Temporal call).
+METRIC_BUFFER_SIZE = 100_000
 
 
 def _given(value: _T) -> _T | None:
@@ -172,13 +180,27 @@ def _file(flag: Path | None, profile: DataSource | None) -> DataSource | None:
 
 
 async def connect(
-    settings: TemporalSettings, *, lazy: bool = False, runtime: Runtime | None = None
+    settings: TemporalSettings,
+    *,
+    keys: Keys | None = None,
+    lazy: bool = False,
+    runtime: Runtime | None = None,
+    config: ClientConnectConfig | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Client:
-    """A client for the settings; lazy clients connect on first use (not for workers)."""
+    """A client for the settings; lazy clients connect on first use (not for workers).
+
+    With `keys` every payload is encrypted (infra/codec.py): the server and the
+    worker always give them; without, payloads are read and written as they are
+    (tests looking at raw histories). `config`: the settings' connect config, read already.
+    `interceptors` (tracing's, infra/tracing.py) apply to a worker made with this client too.
+    """
     return await Client.connect(
-        **settings.temporal_connect_config(),
+        **(config if config is not None else settings.temporal_connect_config()),
         lazy=lazy,
         runtime=runtime,
+        interceptors=interceptors,
+        data_converter=DataConverter.default if keys is None else codec.data_converter(keys),
         # Orders keep their state in the memo (docs/decisions/0016): a few KiB is
         # normal here, not the misuse the SDK's 2 KiB warning is for.
         payload_limits=PayloadLimitsConfig(memo_warn_size=MEMO_WARN_SIZE),
@@ -201,8 +223,19 @@ def bind_address(host: str, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
-def new_runtime(*, metrics_address: str | None = None) -> Runtime:
-    """A runtime forwarding Core's logs to Python logging; serving metrics if given an address.
+def metric_buffer() -> MetricBuffer:
+    """Where a runtime records its metrics for the process to export itself (the server's /metrics).
+
+    Durations in seconds, as Prometheus has them; room for thousands of RPCs between two drains.
+    """
+    return MetricBuffer(METRIC_BUFFER_SIZE, MetricBufferDurationFormat.SECONDS)
+
+
+def new_runtime(
+    *, metrics_address: str | None = None, metrics: MetricBuffer | None = None
+) -> Runtime:
+    """A runtime forwarding Core's logs to Python logging; its metrics served on an address, or
+    recorded into a buffer (`metric_buffer`), or neither.
 
     Raises OSError if the metrics address cannot be bound.
     """
@@ -212,7 +245,7 @@ def new_runtime(*, metrics_address: str | None = None) -> Runtime:
             filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
             forwarding=LogForwardingConfig(logger=logging.getLogger(CORE_LOGGER)),
         ),
-        metrics=PrometheusConfig(bind_address=metrics_address) if metrics_address else None,
+        metrics=PrometheusConfig(bind_address=metrics_address) if metrics_address else metrics,
     )
     try:
         return Runtime(telemetry=telemetry)

@@ -17,6 +17,7 @@ from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server.platform.app import start_server
 from server.platform.settings import ServerSettings
 from tests.support.env import free_port
+from tests.support.keys import key_settings
 from tests.support.orders import LAPTOP_PRICE, create_request, money
 from tests.support.polling import eventually
 from tests.support.stack import Stack, open_stack, order_reaching
@@ -229,11 +230,14 @@ async def test_cancel_twice_is_failed_precondition(stack: Stack) -> None:
 
 
 async def test_temporal_down_is_unavailable_fast_and_not_serving() -> None:
+    payload_keys, customer_id_key = key_settings()
     config = ServerSettings(
         host="127.0.0.1",
         port=0,
         temporal_address=f"127.0.0.1:{free_port()}",
         task_queue="orders-nowhere",
+        payload_keys=payload_keys,
+        customer_id_key=customer_id_key,
     )
     server = await start_server(config)
     try:

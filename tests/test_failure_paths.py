@@ -29,6 +29,7 @@ from tests.support.orders import (
     activity_attempts,
     create_request,
     email_workflows,
+    failure_message,
     money,
     payment_request,
 )
@@ -235,9 +236,11 @@ async def test_transient_failures_are_retried_and_the_order_is_delivered(
         assert attempts["charge_payment"] == [3]
         assert attempts["ship_order"] == [3]
         assert attempts["reserve_inventory"] == attempts["deliver_order"] == [1]
-        # The failure each retry rode out is visible in the history too.
+        # The failure each retry rode out is in the history too (sealed, read with the keys).
         failures = [
-            e.activity_task_started_event_attributes.last_failure.message
+            await failure_message(
+                flaky.client, e.activity_task_started_event_attributes.last_failure
+            )
             for e in history.events
             if e.HasField("activity_task_started_event_attributes")
             and e.activity_task_started_event_attributes.attempt > 1

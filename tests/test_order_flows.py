@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from email import message_from_bytes
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from tests.support.orders import (
 )
 from tests.support.polling import eventually
 from tests.support.stack import Stack, open_stack, order_reaching
-from workflows.models import CANCEL_ORDER_SIGNAL
+from workflows.models import CANCEL_ORDER_SIGNAL, CancelRequest
 
 S = pb.OrderStatus
 
@@ -135,6 +137,30 @@ async def test_cancel_after_payment_refunds_and_releases(slow_stack: Stack) -> N
     subjects = email_subjects(stack.outbox, created.order_id)
     assert {"order_received", "payment_confirmed", "order_cancelled"} <= subjects.keys()
     assert "order_shipped" not in subjects
+
+
+async def test_a_reason_signalled_straight_to_temporal_is_emailed_harmless(stack: Stack) -> None:
+    """CancelOrder refuses a reason with a line break or a bidirectional control; a signal
+    sent past the server still gets it into the order, never verbatim into the email."""
+    created = await stack.stub.CreateOrder(create_request())
+    reason = 'Refund "now"\r\nBcc: x@evil.example \u202eexe.pdf'
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.stub.CancelOrder(
+            pb.CancelOrderRequest(order_id=created.order_id, reason=reason)
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    handle = stack.client.get_workflow_handle(created.workflow_id)
+    await handle.signal(CANCEL_ORDER_SIGNAL, CancelRequest(reason))
+    order = await order_reaching(stack, created.order_id, S.ORDER_STATUS_CANCELLED)
+    assert order.cancellation_reason == reason
+    await email_workflows(stack.client, created.workflow_id)
+    path = stack.outbox / created.order_id / "order_cancelled.eml"
+    message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
+    assert isinstance(message, EmailMessage)
+    body = str(message.get_content())
+    assert 'Reason: "Refund \\"now\\"  Bcc: x@evil.example \ufffdexe.pdf"' in body.splitlines()
+    assert "\u202e" not in body
+    assert message["Bcc"] is None
 
 
 async def pending_activities(handle: WorkflowHandle[Any, Any]) -> list[str]:

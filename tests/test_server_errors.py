@@ -17,6 +17,7 @@ from temporalio.client import WorkflowQueryFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from infra import codec
 from server.api import errors
 from workflows import models
 
@@ -199,6 +200,21 @@ def test_everything_else_is_internal_and_logged(
     assert str(exc) not in error.message
     assert caplog.records
     assert caplog.records[-1].exc_info is not None
+
+
+def test_a_payload_without_its_key_is_one_line_naming_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key missing from the ring (docs/decisions/0017): INTERNAL, and a log line that
+    names the key id, with no traceback."""
+    exc = codec.UndecryptablePayload("no key 'k-2025' in this key ring")
+    with caplog.at_level(logging.ERROR, logger="server.errors"):
+        error = errors.translate(exc, order_id="ORD-1")
+    assert isinstance(error, errors.InternalError)
+    [record] = caplog.records
+    assert "k-2025" in record.getMessage()
+    assert "ORD-1" in record.getMessage()
+    assert record.exc_info is None
 
 
 def test_not_found_without_an_order_is_internal() -> None:

@@ -9,7 +9,6 @@ a real Temporal server and the real workflow.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 import uuid
@@ -30,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -40,6 +40,7 @@ from server.platform.app import OrderServer, start_server
 from server.platform.health import WORKERS, TemporalHealthProber
 from server.platform.settings import ServerSettings
 from tests.support.env import with_changes
+from tests.support.keys import key_settings
 from tests.support.orders import money
 from tests.support.polling import eventually
 from workflows import models, search_attributes
@@ -61,25 +62,10 @@ class FakeWorkflow:
     closed: bool = False
 
 
-@dataclass
-class FakeDescription:
-    """What DescribeWorkflowExecution returns: the state the workflow keeps in its memo."""
-
-    state: models.OrderState
-
-    async def memo_value(self, key: str, *, type_hint: object = None) -> models.OrderState:
-        assert key == search_attributes.MEMO_ORDER_STATE
-        return self.state
-
-
 class FakeHandle:
     def __init__(self, temporal: FakeTemporal, workflow_id: str) -> None:
         self._temporal = temporal
         self._workflow_id = workflow_id
-
-    async def describe(self, *, rpc_timeout: timedelta | None = None) -> FakeDescription:
-        workflow = await self._temporal.call("describe", rpc_timeout, self._workflow_id)
-        return FakeDescription(copy.deepcopy(workflow.state))
 
     async def signal(
         self, signal: str, arg: object, *, rpc_timeout: timedelta | None = None
@@ -106,6 +92,25 @@ class FakeTemporal:
     @property
     def workflow_service(self) -> FakeTemporal:
         return self
+
+    @property
+    def data_converter(self) -> DataConverter:
+        return DataConverter.default
+
+    async def describe_workflow_execution(
+        self,
+        request: workflowservice.DescribeWorkflowExecutionRequest,
+        **kwargs: object,
+    ) -> workflowservice.DescribeWorkflowExecutionResponse:
+        """The state the workflow keeps in its memo (docs/decisions/0016)."""
+        rpc_timeout = cast(timedelta | None, kwargs.get("timeout"))
+        workflow = await self.call("describe", rpc_timeout, request.execution.workflow_id)
+        [state] = await DataConverter.default.encode([workflow.state])
+        response = workflowservice.DescribeWorkflowExecutionResponse()
+        response.workflow_execution_info.memo.fields[search_attributes.MEMO_ORDER_STATE].CopyFrom(
+            state
+        )
+        return response
 
     async def get_system_info(self, request: object, **kwargs: object) -> object:
         if not self.healthy:
@@ -178,12 +183,15 @@ class Harness:
     stub: pb_grpc.OrderServiceAsyncStub
 
 
+_PAYLOAD_KEYS, _CUSTOMER_ID_KEY = key_settings()
 CONFIG = ServerSettings(
     host="127.0.0.1",
     port=0,
     task_queue="orders-unit",
     payment_timeout=timedelta(seconds=600),
     temporal_rpc_timeout=timedelta(seconds=2),
+    payload_keys=_PAYLOAD_KEYS,
+    customer_id_key=_CUSTOMER_ID_KEY,
 )
 
 
@@ -693,6 +701,7 @@ async def test_reflection_lists_the_services(harness: Harness) -> None:
     assert services == {
         "acme.orders.v1.OrderService",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     }
 

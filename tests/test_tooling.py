@@ -14,7 +14,9 @@ from packaging.version import Version
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
+from server.codec_server import CodecServerSettings, start_codec_server
 from tests.support.env import ROOT, clean_environ, run, venv_binary
+from tests.support.keys import key_settings
 from tests.support.orders import create_request
 from tests.support.stack import Stack, order_reaching
 
@@ -96,11 +98,30 @@ async def test_grpcurl_health(stack: Stack) -> None:
 async def test_temporal_cli_uses_the_seed_names(
     stack: Stack, temporal: WorkflowEnvironment
 ) -> None:
-    """`temporal workflow signal/query` work with the seed's handler names."""
+    """`temporal workflow signal/query` work with the seed's handler names.
+
+    Answers are encrypted: the CLI reads them through the codec server, as
+    docs/operations.md shows. A signal's plain JSON input is read as it is.
+    """
     created = await stack.stub.CreateOrder(create_request())
     address = temporal.client.service_client.config.target_host
     temporal_cli = venv_binary("temporal")
-    common = ["--workflow-id", created.workflow_id, "--address", address]
+    payload_keys, customer_id_key = key_settings()
+    codec_server = start_codec_server(
+        CodecServerSettings(
+            host="127.0.0.1", port=0, payload_keys=payload_keys, customer_id_key=customer_id_key
+        )
+    )
+    try:
+        await _use_the_seed_names(stack, created, temporal_cli, address, codec_server.url)
+    finally:
+        codec_server.stop()
+
+
+async def _use_the_seed_names(
+    stack: Stack, created: pb.CreateOrderResponse, temporal_cli: str, address: str, codec: str
+) -> None:
+    common = ["--workflow-id", created.workflow_id, "--address", address, "--codec-endpoint", codec]
 
     queried = await run(
         temporal_cli, "workflow", "query", *common, "--name", "get_order_status", "-o", "json"

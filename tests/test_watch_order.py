@@ -17,6 +17,7 @@ from server.platform.app import start_server
 from server.platform.settings import ServerSettings
 from server.temporal.watching import OrderWatchers
 from tests.support.env import free_port
+from tests.support.keys import key_settings
 from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
 from tests.support.stack import Stack, next_message, open_stack, rest_of, watch
@@ -187,7 +188,14 @@ def reason(err: grpc.aio.AioRpcError) -> str:
 
 
 async def test_temporal_down_is_unavailable() -> None:
-    config = ServerSettings(host="127.0.0.1", port=0, temporal_address=f"127.0.0.1:{free_port()}")
+    payload_keys, customer_id_key = key_settings()
+    config = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        temporal_address=f"127.0.0.1:{free_port()}",
+        payload_keys=payload_keys,
+        customer_id_key=customer_id_key,
+    )
     server = await start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

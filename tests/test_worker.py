@@ -16,6 +16,7 @@ from temporalio.client import Client
 
 from activities.providers import ProviderSettings
 from tests.support.env import ROOT, free_port, settings_from
+from tests.support.keys import key_settings, key_variables, with_codec
 from tests.support.orders import email_workflows
 from tests.support.proxy import Proxy
 from worker.app import connect_with_retry, run_worker
@@ -126,7 +127,8 @@ async def test_connect_retries_until_cancelled(caplog: pytest.LogCaptureFixture)
 
 async def test_run_worker_stops_while_temporal_is_unreachable(tmp_path: Path) -> None:
     settings = from_args(
-        ["--temporal-address", f"127.0.0.1:{free_port()}", "--outbox-dir", str(tmp_path)], {}
+        ["--temporal-address", f"127.0.0.1:{free_port()}", "--outbox-dir", str(tmp_path)],
+        key_variables(),
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(0.5, stop.set)
@@ -167,15 +169,19 @@ def order_input(order_id: str) -> OrderInput:
 
 async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_path: Path) -> None:
     task_queue = f"orders-worker-test-{uuid.uuid4().hex[:8]}"
+    payload_keys, customer_id_key = key_settings()
     settings = WorkerSettings(
         temporal_address=temporal_address,
         task_queue=task_queue,
+        payload_keys=payload_keys,
+        customer_id_key=customer_id_key,
         **ProviderSettings.instant(tmp_path / "outbox").model_dump(),
     )
     stop = asyncio.Event()
     running = asyncio.create_task(run_worker(settings, stop))
     try:
-        client = await Client.connect(temporal_address)
+        # The worker encrypts what it writes: reading the result takes the same keys.
+        client = with_codec(await Client.connect(temporal_address))
         order_id = f"ORD-W-{uuid.uuid4().hex[:8]}"
         handle = await client.start_workflow(
             OrderWorkflow.run, order_input(order_id), id=f"order-{order_id}", task_queue=task_queue
@@ -205,7 +211,13 @@ async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_pat
 async def start_worker_process(
     address: str, outbox: Path, **settings: str
 ) -> asyncio.subprocess.Process:
-    env = {**os.environ, "ORDER_OUTBOX_DIR": str(outbox), "PYTHONUNBUFFERED": "1", **settings}
+    env = {
+        **os.environ,
+        "ORDER_OUTBOX_DIR": str(outbox),
+        "PYTHONUNBUFFERED": "1",
+        **key_variables(),
+        **settings,
+    }
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

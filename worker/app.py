@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.order_activities import OrderActivities
-from infra.temporal_client import TemporalSettings, bind_address, new_runtime
+from infra import tracing as otel
+from infra.keys import Keys
+from infra.temporal_client import TemporalSettings, bind_address, connect, new_runtime
 from worker.settings import WorkerSettings, WorkerTuning
 from workflows.notification_workflow import NotificationWorkflow
 from workflows.order_workflow import OrderWorkflow
@@ -26,8 +29,12 @@ GRACEFUL_SHUTDOWN_TIMEOUT = timedelta(seconds=5)
 STICKY_QUEUE_TIMEOUT = timedelta(seconds=3)
 # The SDK's default sandbox: workflow code that calls datetime.now(), random,
 # os.environ... fails its workflow task instead of running silently
-# (docs/decisions/0015 measures what it costs).
-WORKFLOW_RUNNER = SandboxedWorkflowRunner()
+# (docs/decisions/0015 measures what it costs). OpenTelemetry passes through, as
+# temporalio's own OpenTelemetryPlugin has it: the tracing interceptor's spans and
+# context inside the workflow are then the worker's, not a copy imported per run.
+WORKFLOW_RUNNER = SandboxedWorkflowRunner(
+    restrictions=SandboxRestrictions.default.with_passthrough_modules("opentelemetry")
+)
 
 
 def build_worker(
@@ -56,7 +63,9 @@ def build_worker(
 async def connect_with_retry(
     settings: TemporalSettings,
     *,
+    keys: Keys | None = None,
     runtime: Runtime | None = None,
+    interceptors: Sequence[Interceptor] = (),
     initial_backoff: float = 0.5,
     max_backoff: float = 5.0,
 ) -> Client:
@@ -64,6 +73,8 @@ async def connect_with_retry(
 
     So the worker can start before the Temporal dev server is ready. Each
     failure is logged. Raises OSError at once if a TLS file cannot be read.
+    With `keys`, every payload is encrypted (infra/codec.py); `interceptors` (tracing's)
+    apply to the worker made with the client too.
     """
     # Read once: a missing certificate is not worth retrying.
     options = settings.temporal_connect_config()
@@ -71,7 +82,9 @@ async def connect_with_retry(
     backoff = initial_backoff
     for attempt in itertools.count(1):
         try:
-            client = await Client.connect(**options, runtime=runtime)
+            client = await connect(
+                settings, keys=keys, runtime=runtime, config=options, interceptors=interceptors
+            )
         except Exception as error:
             logger.warning(
                 "Temporal at %s not reachable (attempt %d): %s; retrying in %.1f s",
@@ -92,8 +105,19 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Connects, then runs the worker until `stop` is set, then shuts down gracefully.
 
     Running activities get up to GRACEFUL_SHUTDOWN_TIMEOUT to finish. Raises
-    if the worker fails fatally.
+    if the worker fails fatally. Traces workflows and activities if OTEL_TRACES_EXPORTER asks.
     """
+    tracing = otel.from_environment(otel.WORKER_SERVICE_NAME)
+    try:
+        await _run_worker(settings, stop, tracing)
+    finally:
+        if tracing is not None:
+            await tracing.shutdown()
+
+
+async def _run_worker(
+    settings: WorkerSettings, stop: asyncio.Event, tracing: otel.Tracing | None
+) -> None:
     metrics_address = None
     if settings.metrics_port is not None:
         metrics_address = bind_address(settings.metrics_host, settings.metrics_port)
@@ -101,9 +125,18 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
     runtime = new_runtime(metrics_address=metrics_address)
     if metrics_address is not None:
         logger.info("Temporal SDK metrics at http://%s/metrics", metrics_address)
+    if tracing is not None:
+        logger.info("Tracing: %s", tracing.describe())
     stopping = asyncio.create_task(stop.wait())
     try:
-        connecting = asyncio.create_task(connect_with_retry(settings, runtime=runtime))
+        connecting = asyncio.create_task(
+            connect_with_retry(
+                settings,
+                keys=settings.keys,
+                runtime=runtime,
+                interceptors=tracing.temporal_interceptors() if tracing is not None else (),
+            )
+        )
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():
             connecting.cancel()

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field
 
 from activities.providers import ProviderSettings
+from infra.keys import KeySettings
 from infra.logs import LogSettings
 from infra.settings import FixedPort, Options, ProcessSettings, Text, setting
 from infra.temporal_client import TemporalSettings
@@ -67,7 +68,7 @@ class WorkerTuning(Options):
 
 
 class WorkerSettings(
-    ProcessSettings, WorkerTuning, TemporalSettings, LogSettings, ProviderSettings
+    ProcessSettings, WorkerTuning, TemporalSettings, KeySettings, LogSettings, ProviderSettings
 ):
     """Every setting of `python -m worker`."""
 

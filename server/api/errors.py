@@ -15,6 +15,7 @@ from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedErr
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from infra import codec
 from workflows import models
 from workflows.rules import Refusal, RefusalKind
 
@@ -270,6 +271,11 @@ def translate(exc: BaseException, *, order_id: str = "") -> ServiceError:
         return TemporalUnavailable(UNREACHABLE_MESSAGE)
     if isinstance(exc, WorkflowAlreadyStartedError) and order_id:
         return OrderAlreadyExists(order_id)
+    if isinstance(exc, codec.UndecryptablePayload):
+        # A key missing from this server's ring (docs/decisions/0017): one line naming
+        # the key id is what the operator needs; a traceback adds nothing.
+        logger.error("Order %s cannot be decrypted here: %s", order_id, exc)
+        return InternalError()
     if isinstance(exc, WorkflowQueryFailedError | WorkflowQueryRejectedError):
         # The workflow's query handler failed or does not exist: a worker-side
         # bug or a worker/server version mismatch, never the caller's doing.

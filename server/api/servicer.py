@@ -1,7 +1,8 @@
 """The OrderService RPCs, each read as validate, call Temporal, convert; no order state lives here.
 
 Reads, and writes' clear answers, use the state the workflow keeps in its memo: no worker
-needed; the workflow judges every write again (docs/decisions/0016).
+needed; the workflow judges every write again (docs/decisions/0016). Which caller may see
+which order is access.py's to say, from that same state (docs/decisions/0020).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
-from server.api import convert, errors, validation
+from server.api import access, convert, errors, validation
 from server.temporal.listing import OrderLister
 from server.temporal.orders import OrderWorkflows, within_deadline
 from server.temporal.watching import OrderWatchers
@@ -59,6 +60,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         order = validation.validate_create_order(
             request, payment_timeout_seconds=self._payment_timeout_seconds
         )
+        access.ensure_own_customer(order.customer_id)
         try:
             await self._orders.start(order)
         except WorkflowAlreadyStartedError:
@@ -86,7 +88,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         self, request: pb.ConfirmPaymentRequest, context: _Context
     ) -> pb.ConfirmPaymentResponse:
         order_id, payment = validation.validate_confirm_payment(request)
-        state = await self._orders.state(order_id)
+        state = await self._visible_state(order_id)
         accepted = state.payment_info
         if accepted is not None and accepted.transaction_id == payment.transaction_id:
             message = PAYMENT_ALREADY_RECORDED_MESSAGE
@@ -109,7 +111,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         self, request: pb.CancelOrderRequest, context: _Context
     ) -> pb.CancelOrderResponse:
         order_id, cancel = validation.validate_cancel_order(request)
-        state = await self._orders.state(order_id)
+        state = await self._visible_state(order_id)
         # Whether the parcel is being handed over is the workflow's to know: it
         # refuses such a late cancel itself (docs/decisions/0006).
         refusal = rules.cancellation_refusal(state.status, handed_to_carrier=False)
@@ -129,13 +131,13 @@ class OrderService(pb_grpc.OrderServiceServicer):
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: _Context) -> pb.Order:
         order_id = validation.validate_order_id(request.order_id)
-        return convert.order_to_proto(await self._orders.state(order_id))
+        return convert.order_to_proto(await self._visible_state(order_id))
 
     async def GetOrderStatus(
         self, request: pb.GetOrderStatusRequest, context: _Context
     ) -> pb.GetOrderStatusResponse:
         order_id = validation.validate_order_id(request.order_id)
-        state = await self._orders.state(order_id)
+        state = await self._visible_state(order_id)
         return pb.GetOrderStatusResponse(
             order_id=order_id, status=convert.status_to_proto(state.status)
         )
@@ -144,7 +146,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         self, request: pb.GetEstimatedDeliveryRequest, context: _Context
     ) -> pb.GetEstimatedDeliveryResponse:
         order_id = validation.validate_order_id(request.order_id)
-        estimated = (await self._orders.state(order_id)).estimated_delivery
+        estimated = (await self._visible_state(order_id)).estimated_delivery
         response = pb.GetEstimatedDeliveryResponse(order_id=order_id)
         if estimated is not None:
             response.estimated_delivery.CopyFrom(convert.timestamp_from_datetime(estimated))
@@ -157,9 +159,12 @@ class OrderService(pb_grpc.OrderServiceServicer):
 
         page_size: 0 means 50; larger than 1000 is lowered to 1000; negative is
         INVALID_ARGUMENT. Visibility lags the workflows by up to a few seconds.
-        A page token is bound to the filters it was issued for.
+        A page token is bound to the filters it was issued for. A customer lists its
+        own orders only: no customer_id means its own, another's is PERMISSION_DENIED.
         """
-        list_request = validation.validate_list_orders(request)
+        list_request = validation.validate_list_orders(
+            access.scoped_list_request(request), self._lister.tokens
+        )
         # One cap for the whole page, which may take several visibility calls.
         page = await within_deadline(
             self._orders.rpc_timeout,
@@ -167,7 +172,9 @@ class OrderService(pb_grpc.OrderServiceServicer):
         )
         return pb.ListOrdersResponse(
             orders=[order.to_proto() for order in page.orders],
-            next_page_token=page.next_page_token.encode() if page.next_page_token else "",
+            next_page_token=(
+                self._lister.tokens.encode(page.next_page_token) if page.next_page_token else ""
+            ),
         )
 
     async def WatchOrder(
@@ -182,7 +189,16 @@ class OrderService(pb_grpc.OrderServiceServicer):
         order_id = validation.validate_order_id(request.order_id)
         async with self._watchers.watch(order_id) as updates:
             async for order in updates:
+                # Checked on the first message, before anything is sent (and on every
+                # one after: it costs nothing).
+                access.ensure_visible(order_id, order.customer_id)
                 yield order
+
+    async def _visible_state(self, order_id: str) -> models.OrderState:
+        """The order's state, if the caller may see it; NOT_FOUND as for a missing one if not."""
+        state = await self._orders.state(order_id)
+        access.ensure_visible(order_id, state.customer_id)
+        return state
 
 
 def _created(

@@ -46,9 +46,6 @@ MIN_TIMESTAMP_SECONDS = -62_135_596_800
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# Line breaks and tabs are fine in a free-text cancellation reason.
-_MULTILINE_ALLOWED = frozenset("\n\r\t")
-
 
 class _Violations:
     """Collects violations; raises them together at the end."""
@@ -64,11 +61,9 @@ class _Violations:
             raise InvalidArgument(self.items)
 
 
-def _has_control_chars(text: str, allowed: frozenset[str] = frozenset()) -> bool:
-    """Control characters (Cc) and line/paragraph separators, bar the allowed ones."""
-    return any(
-        unicodedata.category(char) in ("Cc", "Zl", "Zp") and char not in allowed for char in text
-    )
+def _has_control_chars(text: str) -> bool:
+    """Control characters (Cc) and line/paragraph separators."""
+    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
 
 
 def _check_identifier(v: _Violations, field: str, value: str) -> None:
@@ -83,21 +78,27 @@ def _check_identifier(v: _Violations, field: str, value: str) -> None:
         v.add(field, f"May contain only {chars}.", "INVALID_CHARACTERS")
 
 
-def _check_text(
-    v: _Violations,
-    field: str,
-    value: str,
-    max_length: int,
-    *,
-    required: bool = True,
-    allowed_controls: frozenset[str] = frozenset(),
-) -> None:
-    if required and not value.strip():
+def _check_text(v: _Violations, field: str, value: str, max_length: int) -> None:
+    if not value.strip():
         v.add(field, "Required.", "REQUIRED")
     elif len(value) > max_length:
         v.add(field, f"Must be at most {max_length} characters.", "TOO_LONG")
-    elif _has_control_chars(value, allowed_controls):
+    elif _has_control_chars(value):
         v.add(field, "Must not contain control characters.", "INVALID_CHARACTERS")
+
+
+def _check_reason(v: _Violations, reason: str) -> None:
+    """The cancellation reason: optional, one line, nothing that reorders text (rules.py)."""
+    if len(reason) > MAX_CANCEL_REASON_LENGTH:
+        v.add("reason", f"Must be at most {MAX_CANCEL_REASON_LENGTH} characters.", "TOO_LONG")
+    elif not rules.is_safe_reason(reason):
+        v.add(
+            "reason",
+            "Must be one line of text, without control characters (line breaks and tabs "
+            "included) or bidirectional formatting characters (U+061C, U+200E, U+200F, "
+            "U+202A to U+202E, U+2066 to U+2069).",
+            "INVALID_CHARACTERS",
+        )
 
 
 def _check_money(v: _Violations, field: str, money: money_pb2.Money) -> Money | None:
@@ -278,14 +279,7 @@ def validate_cancel_order(request: pb.CancelOrderRequest) -> tuple[str, models.C
     """The order id and the `cancel_order` signal's argument (with a default reason)."""
     v = _Violations()
     _check_identifier(v, "order_id", request.order_id)
-    _check_text(
-        v,
-        "reason",
-        request.reason,
-        MAX_CANCEL_REASON_LENGTH,
-        required=False,
-        allowed_controls=_MULTILINE_ALLOWED,
-    )
+    _check_reason(v, request.reason)
     v.raise_if_any()
     reason = request.reason.strip() or models.DEFAULT_CANCEL_REASON
     return request.order_id, models.CancelRequest(reason=reason)
@@ -323,12 +317,24 @@ def _check_page_size(v: _Violations, page_size: int) -> int:
 
 
 def _check_page_token(
-    v: _Violations, text: str, list_filter: listing.ListFilter | None
+    v: _Violations,
+    text: str,
+    list_filter: listing.ListFilter | None,
+    tokens: listing.PageTokens,
 ) -> listing.PageToken | None:
     if not text:
         return None
+    if len(text) > listing.MAX_PAGE_TOKEN_CHARS:
+        v.add(
+            "page_token",
+            f"Must be at most {listing.MAX_PAGE_TOKEN_CHARS} characters; pass a response's "
+            "next_page_token unchanged.",
+            "TOO_LONG",
+        )
+        return None
     try:
-        token = listing.PageToken.decode(text)
+        # Size, then signature, then content (server/temporal/listing.py).
+        token = tokens.decode(text)
     except ValueError:
         v.add(
             "page_token",
@@ -347,8 +353,12 @@ def _check_page_token(
     return token
 
 
-def validate_list_orders(request: pb.ListOrdersRequest) -> listing.ListRequest:
+def validate_list_orders(
+    request: pb.ListOrdersRequest, tokens: listing.PageTokens
+) -> listing.ListRequest:
     """The filters, page size and position of a valid ListOrders.
+
+    tokens: what checks the page token's signature (the lister's).
 
     page_size 0 means listing.DEFAULT_PAGE_SIZE (50); above listing.MAX_PAGE_SIZE
     (1000) it is lowered to it. Any customer_id up to 64 characters is a valid
@@ -382,7 +392,7 @@ def validate_list_orders(request: pb.ListOrdersRequest) -> listing.ListRequest:
     )
     # A token is checked against the filters only when they are valid themselves.
     token = _check_page_token(
-        v, request.page_token, list_filter if errors_before_token == 0 else None
+        v, request.page_token, list_filter if errors_before_token == 0 else None, tokens
     )
     v.raise_if_any()
     return listing.ListRequest(filter=list_filter, page_size=page_size, page_token=token)

@@ -5,27 +5,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from importlib import resources
 
 import grpc
-from google.rpc import error_details_pb2
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.reflection import SERVICE_NAME as REFLECTION_SERVICE_NAME
 from temporalio.client import Client
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from infra import temporal_client
+from infra import tracing as otel
 from infra.settings import format_duration
 from server.api.servicer import SERVICE_NAME, OrderService
-from server.platform import tls, tokens
+from server.platform import limits, reflection, tls, tokens
+from server.platform.audit import AuditTrail
 from server.platform.auth import BearerTokenAuth
 from server.platform.health import TemporalHealthProber
+from server.platform.jwt_auth import JwtVerifier
 from server.platform.metrics import GrpcServerMetrics, MetricsEndpoint, serve_metrics
-from server.platform.reflection import enable_reflection
 from server.platform.request_path import RequestPath
 from server.platform.settings import ServerSettings
-from server.temporal.listing import OrderLister, TemporalVisibility
+from server.platform.slow_readers import SlowReaders
+from server.platform.tracing import ServerSpans
+from server.temporal.listing import OrderLister, PageTokens, TemporalVisibility
 from server.temporal.orders import OrderWorkflows
 from server.temporal.watching import OrderWatchers
 
@@ -42,9 +47,7 @@ MAX_SEND_MESSAGE_BYTES = 8 * 1024 * 1024
 # Per HTTP/2 connection: room for many WatchOrder streams on one client
 # channel, while one connection cannot open unbounded streams.
 MAX_CONCURRENT_STREAMS = 1000
-# Per server: beyond this grpc answers RESOURCE_EXHAUSTED at once, instead of
-# queueing RPCs until memory runs out; WatchOrder streams count while open.
-MAXIMUM_CONCURRENT_RPCS = 10_000
+# Calls in progress per server: settings, per class of service (server/platform/limits.py).
 SERVER_OPTIONS: list[tuple[str, int]] = [
     # Without SO_REUSEPORT a second server on the same port fails to start
     # instead of silently sharing the port (and its traffic) with the first.
@@ -81,6 +84,8 @@ class OrderServer:
     watchers: OrderWatchers
     # The Prometheus endpoint, if settings.metrics_port asked for one.
     metrics: MetricsEndpoint | None = None
+    # The watchdog that disconnects clients that do not read (docs/decisions/0022).
+    readers: SlowReaders | None = None
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Reports NOT_SERVING, refuses new RPCs, lets running ones finish for `grace` seconds.
@@ -91,8 +96,16 @@ class OrderServer:
         await self.prober.stop()
         await self.watchers.stop()
         await self.grpc_server.stop(grace)
+        if self.readers is not None:
+            await self.readers.stop()
         if self.metrics is not None:
             await self.metrics.stop()
+
+
+def api_descriptors() -> descriptor_pb2.FileDescriptorSet:
+    """The API's descriptors with their comments, which `make proto` writes next to its modules."""
+    data = resources.files("acme.orders.v1").joinpath("order_service.binpb").read_bytes()
+    return descriptor_pb2.FileDescriptorSet.FromString(data)
 
 
 def _listen_address(host: str, port: int) -> str:
@@ -105,43 +118,81 @@ def _listen_address(host: str, port: int) -> str:
 def _interceptors(
     settings: ServerSettings, metrics: GrpcServerMetrics | None
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """The request path first, so it sees what the others refuse; then the token check."""
+    """The audit trail and the request path first, so they see what the others refuse;
+    then the token check."""
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-        RequestPath(metrics, logged_services=[SERVICE_NAME])
+        AuditTrail(),
+        RequestPath(metrics, logged_services=[SERVICE_NAME]),
     ]
-    if settings.auth_tokens_file is not None:
+    verifier = JwtVerifier.from_settings(settings)
+    if settings.auth_tokens_file is not None or verifier is not None:
         # Health stays open so probes need no secret; reflection, when served, too.
         open_services = [grpc_health.SERVICE_NAME]
         if settings.reflection:
-            open_services.append(REFLECTION_SERVICE_NAME)
-        store = tokens.load(settings.auth_tokens_file)
-        interceptors.append(BearerTokenAuth(store, open_services=open_services))
+            open_services.extend(reflection.SERVICE_NAMES)
+        tokens_file = settings.auth_tokens_file
+        store = tokens.TokenStore([]) if tokens_file is None else tokens.load(tokens_file)
+        # End users are named in logs by a hash keyed like visibility's customer ids.
+        key = settings.keys.customer_id_key if verifier is not None else b""
+        interceptors.append(
+            BearerTokenAuth(store, open_services=open_services, jwt=verifier, customer_id_key=key)
+        )
     return interceptors
 
 
-async def start_server(settings: ServerSettings, client: Client | None = None) -> OrderServer:
+async def start_server(
+    settings: ServerSettings, client: Client | None = None, tracing: otel.Tracing | None = None
+) -> OrderServer:
     """Builds, binds and starts the server; the caller stops it with `OrderServer.stop`.
 
     Without a client it makes a lazy one, which connects on first use, so the
-    server starts while Temporal is down; OSError if a TLS file cannot be read.
+    server starts while Temporal is down, encrypting with the settings' keys
+    (ValueError without keys); OSError if a TLS file cannot be read. Its metrics,
+    if served, go to the server's /metrics. With `tracing`, every RPC is a span,
+    and so is every Temporal call the lazy client makes.
     """
+    buffer = None
     if client is None:
+        buffer = temporal_client.metric_buffer() if settings.metrics_port is not None else None
         client = await temporal_client.connect(
-            settings, lazy=True, runtime=temporal_client.new_runtime()
+            settings,
+            keys=settings.keys,
+            lazy=True,
+            runtime=temporal_client.new_runtime(metrics=buffer),
+            interceptors=tracing.temporal_interceptors() if tracing is not None else (),
         )
-    metrics = GrpcServerMetrics() if settings.metrics_port is not None else None
-    server = grpc.aio.server(
-        interceptors=_interceptors(settings, metrics),
-        options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=MAXIMUM_CONCURRENT_RPCS,
+    metrics = GrpcServerMetrics(temporal=buffer) if settings.metrics_port is not None else None
+    interceptors = _interceptors(settings, metrics)
+    readers = SlowReaders(settings.write_timeout.total_seconds(), settings.max_unsent_bytes)
+    # Last: the limits know the caller the token check bound (docs/decisions/0022).
+    interceptors.append(
+        limits.Limits(settings, open_services=limits.OPEN_SERVICES, readers=readers)
     )
+    if tracing is not None:
+        # First of all: every line an RPC logs, its refusals' too, carries the span's ids.
+        spans = ServerSpans(tracing.tracer(__name__), traced_services=[SERVICE_NAME])
+        interceptors.insert(0, spans)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=SERVER_OPTIONS,
+        # A backstop: the limits' own caps, per class of service, refuse first.
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+    )
+    # What visibility holds instead of a customer id is keyed with it (docs/decisions/0017).
+    customer_id_key = settings.keys.customer_id_key
     orders = OrderWorkflows(
-        client, task_queue=settings.task_queue, rpc_timeout=settings.temporal_rpc_timeout
+        client,
+        task_queue=settings.task_queue,
+        rpc_timeout=settings.temporal_rpc_timeout,
+        customer_id_key=customer_id_key,
     )
     watchers = OrderWatchers(client, query_timeout=settings.temporal_rpc_timeout)
     service = OrderService(
         orders,
-        OrderLister(TemporalVisibility(client)),
+        OrderLister(
+            TemporalVisibility(client, customer_id_key=customer_id_key),
+            tokens=PageTokens.for_keys(settings.keys.page_token_keys),
+        ),
         watchers,
         payment_timeout_seconds=settings.payment_timeout_seconds,
     )
@@ -150,11 +201,17 @@ async def start_server(settings: ServerSettings, client: Client | None = None) -
     prober = TemporalHealthProber(client, [SERVICE_NAME], settings.task_queue)
     health_pb2_grpc.add_HealthServicer_to_server(prober.health, server)
     if settings.reflection:
-        enable_reflection(
+        reflection.enable_reflection(
             server,
             [SERVICE_NAME, grpc_health.SERVICE_NAME],
-            # error_details: so grpcurl and GUIs can decode the google.rpc error details.
-            [pb.DESCRIPTOR, health_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR],
+            # status, error_details: so grpcurl and GUIs decode the errors' google.rpc details.
+            [
+                pb.DESCRIPTOR,
+                health_pb2.DESCRIPTOR,
+                status_pb2.DESCRIPTOR,
+                error_details_pb2.DESCRIPTOR,
+            ],
+            api_descriptors(),
         )
     address = _listen_address(settings.host, settings.port)
     try:
@@ -172,15 +229,19 @@ async def start_server(settings: ServerSettings, client: Client | None = None) -
     await prober.start()
     try:
         await server.start()
+        readers.start([port])
         endpoint = None
         if metrics is not None and settings.metrics_port is not None:
             metrics_host = settings.metrics_host or settings.host
-            endpoint = serve_metrics(metrics.registry, metrics_host, settings.metrics_port)
+            endpoint = serve_metrics(
+                metrics.registry, metrics_host, settings.metrics_port, drain=metrics.drain
+            )
     except BaseException:
         await prober.stop()
+        await readers.stop()
         await server.stop(None)
         raise
-    return OrderServer(settings, port, client, server, prober, watchers, endpoint)
+    return OrderServer(settings, port, client, server, prober, watchers, endpoint, readers)
 
 
 def _log_security(settings: ServerSettings) -> None:
@@ -190,6 +251,8 @@ def _log_security(settings: ServerSettings) -> None:
         transport = "mutual TLS (client certificates required)"
     tokens_file = settings.auth_tokens_file
     callers = f"bearer tokens from {tokens_file}" if tokens_file is not None else "no tokens"
+    if settings.jwt_jwks_file is not None:
+        callers += f", end-user JWTs signed by the keys in {settings.jwt_jwks_file}"
     reflection = "on" if settings.reflection else "off"
     logger.info("Security: %s, %s, reflection %s", transport, callers, reflection)
     host = settings.host
@@ -199,13 +262,19 @@ def _log_security(settings: ServerSettings) -> None:
             "network unencrypted unless something else encrypts them",
             host,
         )
-    if tokens_file is None and settings.tls_client_ca is None and not tls.is_loopback(host):
+    if (
+        tokens_file is None
+        and settings.jwt_jwks_file is None
+        and settings.tls_client_ca is None
+        and not tls.is_loopback(host)
+    ):
         logger.warning("No --auth-tokens-file: anyone who reaches %s may call every RPC", host)
 
 
 async def serve(settings: ServerSettings, stop: asyncio.Event) -> None:
     """Runs the server until `stop` is set, then shuts it down gracefully."""
-    server = await start_server(settings)
+    tracing = otel.from_environment(otel.SERVER_SERVICE_NAME)
+    server = await start_server(settings, tracing=tracing)
     logger.info(
         "OrderService listening on %s (Temporal %s, task queue %s, "
         "payment timeout %s, Temporal RPC timeout %s)",
@@ -216,6 +285,8 @@ async def serve(settings: ServerSettings, stop: asyncio.Event) -> None:
         format_duration(settings.temporal_rpc_timeout),
     )
     _log_security(settings)
+    if tracing is not None:
+        logger.info("Tracing: %s", tracing.describe())
     if server.metrics is not None:
         logger.info(
             "Metrics at http://%s/metrics",
@@ -226,4 +297,6 @@ async def serve(settings: ServerSettings, stop: asyncio.Event) -> None:
         logger.info("Shutting down (grace %ss)", SHUTDOWN_GRACE_SECONDS)
     finally:
         await server.stop(SHUTDOWN_GRACE_SECONDS)
+        if tracing is not None:
+            await tracing.shutdown()
     logger.info("OrderService stopped")

@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar, Self
 
 from pydantic import AfterValidator, model_validator
 
+from infra.keys import KeySettings
 from infra.logs import LogSettings
 from infra.settings import (
     Duration,
@@ -21,6 +22,8 @@ from infra.settings import (
 )
 from infra.temporal_client import TemporalSettings
 from server.platform import tls, tokens
+from server.platform.jwt_auth import JwtSettings
+from server.platform.limits import LimitSettings
 from workflows import models
 
 
@@ -90,7 +93,14 @@ class SecuritySettings(Options):
 
 
 class ServerSettings(
-    ProcessSettings, ServiceSettings, TemporalSettings, SecuritySettings, LogSettings
+    ProcessSettings,
+    ServiceSettings,
+    TemporalSettings,
+    SecuritySettings,
+    JwtSettings,
+    LimitSettings,
+    KeySettings,
+    LogSettings,
 ):
     """Every setting of `python -m server`."""
 

@@ -33,6 +33,7 @@ from server.platform.app import OrderServer, start_server
 from server.platform.settings import ServerSettings
 from tests.support import counting_proxy as methods
 from tests.support.counting_proxy import CountingProxy
+from tests.support.keys import key_settings, with_codec
 from tests.support.orders import create_request, money, payment_request
 from tests.support.polling import eventually
 from tests.support.stack import async_stub, next_message, rest_of
@@ -85,6 +86,8 @@ async def counted_stack(client: Client, outbox: Path) -> AsyncIterator[CountedSt
     """A worker on `client` and a server through a proxy, on a task queue of their own."""
     task_queue = f"orders-counted-{uuid.uuid4().hex[:8]}"
     activities = OrderActivities(ProviderSettings.instant(outbox))
+    client = with_codec(client)  # the worker encrypts as the server does
+    payload_keys, customer_id_key = key_settings()
     async with CountingProxy(client.service_client.config.target_host) as proxy:
         settings = ServerSettings(
             host="127.0.0.1",
@@ -92,8 +95,10 @@ async def counted_stack(client: Client, outbox: Path) -> AsyncIterator[CountedSt
             temporal_address=proxy.address,
             temporal_namespace=client.namespace,
             task_queue=task_queue,
+            payload_keys=payload_keys,
+            customer_id_key=customer_id_key,
         )
-        proxied = await temporal_client.connect(settings)
+        proxied = await temporal_client.connect(settings, keys=settings.keys)
         async with build_worker(client, task_queue, activities):
             server = await start_server(settings, client=proxied)
             try:

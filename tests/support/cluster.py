@@ -15,7 +15,9 @@ file under the test's temporary folder (printed when a test fails).
         worker = await cluster.start_worker()
 
 Ports are always free ones (the OS picks them); nothing is fixed. On leaving
-the block every process still running is killed, whatever happened.
+the block every process still running is killed, whatever happened. Workers
+and servers encrypt with the session's test keys (tests/support/keys.py), given
+in their environment, as `make run` gives its processes a keys file.
 
 Also here:
 
@@ -65,6 +67,7 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.providers.ledger import Effect, EffectKind, Ledger
 from tests.support.env import BIN, ROOT, clean_environ, free_port
+from tests.support.keys import key_variables, with_codec
 from tests.support.money import AnyMoney, money_moved_problems
 from tests.support.polling import eventually
 from tests.support.proxy import Proxy
@@ -451,10 +454,11 @@ class Cluster:
         return self.temporal
 
     async def client(self) -> Client:
-        """The test's own Temporal client (it reconnects by itself after a restart)."""
+        """The test's own Temporal client (it reconnects by itself after a restart), with
+        the processes' keys (tests/support/keys.py)."""
         assert self.temporal is not None
         if self._client is None:
-            self._client = await Client.connect(self.temporal.address)
+            self._client = with_codec(await Client.connect(self.temporal.address))
         return self._client
 
     async def describe_queue(
@@ -513,7 +517,12 @@ class Cluster:
         """
         name = name or f"worker-{len(self.workers) + 1}"
         ledger = {"ORDER_SIM_LEDGER": str(self.ledger_path)} if self.ledger_effects else {}
-        settings = {**self.simulation.env(), "ORDER_OUTBOX_DIR": str(self.outbox), **ledger}
+        settings = {
+            **self.simulation.env(),
+            "ORDER_OUTBOX_DIR": str(self.outbox),
+            **ledger,
+            **key_variables(),
+        }
         address = proxy.address if proxy is not None else None
         flags = self._temporal_flags(address, task_queue)
         argv = [sys.executable, "-m", "worker", *flags]
@@ -542,7 +551,7 @@ class Cluster:
             *self._temporal_flags(),
         ]
         log = self.root / "logs" / f"{name}.log"
-        server = ServerProcess(Process(name, argv, _base_env({}), log))
+        server = ServerProcess(Process(name, argv, _base_env(key_variables()), log))
         self.servers.append(server)
         await server.start(within=within)
         return server

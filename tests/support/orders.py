@@ -6,7 +6,9 @@ import contextlib
 from collections import defaultdict
 
 from google.type.money_pb2 import Money
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
+from temporalio.exceptions import FailureError
 
 from acme.orders.v1 import order_service_pb2 as pb
 
@@ -78,6 +80,13 @@ def activity_attempts(history: WorkflowHistory) -> dict[str, list[int]]:
             started = event.activity_task_started_event_attributes
             attempts[names[started.scheduled_event_id]].append(started.attempt)
     return dict(attempts)
+
+
+async def failure_message(client: Client, failure: Failure) -> str:
+    """A failure's message as read from a history: sealed there (docs/decisions/0017),
+    opened with the client's keys."""
+    error = await client.data_converter.decode_failure(failure)
+    return error.message if isinstance(error, FailureError) else str(error)
 
 
 async def email_workflows(client: Client, workflow_id: str) -> list[WorkflowHistory]:

@@ -1,7 +1,8 @@
 """A stack: a worker and a gRPC server on a task queue of their own, and a stub to call them.
 
 `open_stack` runs both in this process, on a Temporal the caller connected to
-(the suite's fixtures, the load test); `Cluster.stack()` (tests/support/cluster.py)
+(the suite's fixtures, the load test), encrypting every payload as the real
+processes do (the test keys of tests/support/keys.py); `Cluster.stack()` (tests/support/cluster.py)
 gives the same view of a worker and a server running as processes of their
 own (the benchmark).
 """
@@ -23,8 +24,10 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
+from infra.keys import Keys
 from server.platform.app import OrderServer, start_server
 from server.platform.settings import ServerSettings
+from tests.support.keys import KEYS, key_settings, with_codec
 from tests.support.polling import eventually
 from worker.app import build_worker
 
@@ -38,6 +41,7 @@ def async_stub(channel: grpc.aio.Channel) -> pb_grpc.OrderServiceAsyncStub:
 class Stack:
     """A worker and a gRPC server on their own task queue, a Temporal client and a stub."""
 
+    # Encrypting and decrypting as the server's and the worker's clients do.
     client: Client
     task_queue: str
     target: str
@@ -66,9 +70,17 @@ async def open_stack(
     *,
     simulation: ProviderSettings | None = None,
     payment_timeout_seconds: int = 24 * 60 * 60,
+    keys: Keys = KEYS,
+    task_queue: str = "",
 ) -> AsyncIterator[Stack]:
-    """Starts a worker and a gRPC server in this process on a fresh task queue; stops both after."""
-    task_queue = f"orders-test-{uuid.uuid4().hex[:8]}"
+    """Starts a worker and a gRPC server in this process on a fresh task queue (or on
+    `task_queue`, to go on with orders another stack started); stops both after.
+
+    Both use `client`'s connection with the codec of `keys` (`client` itself may have none).
+    """
+    task_queue = task_queue or f"orders-test-{uuid.uuid4().hex[:8]}"
+    client = with_codec(client, keys)
+    payload_keys, customer_id_key = key_settings(keys)
     activities = OrderActivities(simulation or ProviderSettings.instant(outbox))
     config = ServerSettings(
         host="127.0.0.1",
@@ -77,6 +89,8 @@ async def open_stack(
         temporal_namespace=client.namespace,
         task_queue=task_queue,
         payment_timeout=timedelta(seconds=payment_timeout_seconds),
+        payload_keys=payload_keys,
+        customer_id_key=customer_id_key,
     )
     async with build_worker(client, task_queue, activities):
         server = await start_server(config, client=client)
