@@ -255,10 +255,17 @@ async def test_grpcurl_a_client_of_v1alpha_only() -> None:
     async with serving() as target:
         services = await run(grpcurl, "-plaintext", target, "list")
         described = await run(grpcurl, "-plaintext", target, "describe", SERVICE)
+        method = await run(grpcurl, "-plaintext", target, "describe", f"{SERVICE}.ConfirmPayment")
+        missing = await run(grpcurl, "-plaintext", target, "describe", f"{SERVICE}.NoSuchMethod")
         data = '{"order_id": "ORD-0000000000000000"}'
         got = await run(grpcurl, "-plaintext", "-d", data, target, f"{SERVICE}/GetOrder")
     assert set(services.stdout.split()) == SERVED, services.stderr
     assert "// Creates, pays, cancels and reads orders." in described.stdout, described.stderr
+    # A method too: the descriptor pool alone finds no methods.
+    assert "rpc ConfirmPayment ( .acme.orders.v1.ConfirmPaymentRequest )" in method.stdout, (
+        method.stderr
+    )
+    assert missing.returncode != 0
     assert '"reason":"ORDER_NOT_FOUND"' in got.stderr.replace(" ", ""), got.stderr
 
 

@@ -129,8 +129,7 @@ class ReflectionServicer:
             if kind == "file_by_filename":
                 return self._file(request, request.file_by_filename)
             if kind == "file_containing_symbol":
-                symbol = request.file_containing_symbol
-                return self._file(request, self._pool.FindFileContainingSymbol(symbol).name)
+                return self._file(request, self._file_containing(request.file_containing_symbol))
             if kind == "file_containing_extension":
                 wanted = request.file_containing_extension
                 message = self._pool.FindMessageTypeByName(wanted.containing_type)
@@ -147,6 +146,21 @@ class ReflectionServicer:
         except KeyError:
             return _error(request, grpc.StatusCode.NOT_FOUND)
         return _error(request, grpc.StatusCode.INVALID_ARGUMENT)
+
+    def _file_containing(self, symbol: str) -> str:
+        """The file declaring `symbol`; KeyError if none does.
+
+        The pool finds messages, enums, services and fields, not methods, which
+        `grpcurl describe acme.orders.v1.OrderService.GetOrder` asks for.
+        """
+        try:
+            return str(self._pool.FindFileContainingSymbol(symbol).name)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            service = self._pool.FindServiceByName(service_name)  # KeyError: not a method
+            if service.methods_by_name.get(method) is None:
+                raise
+            return str(service.file.name)
 
     def _file(self, request: Any, name: str) -> Any:
         """The file, then every file it imports, directly or not, each once."""
