@@ -499,3 +499,19 @@ def test_bad_cancel_field(request_: pb.CancelOrderRequest, field: str, reason: s
 )
 def test_customer_email_the_mailer_would_refuse_is_invalid(email: str) -> None:
     assert create_violations(create(customer_email=email)) == {"customer_email": "INVALID_FORMAT"}
+
+
+def test_control_characters_are_unicodes_cc_zl_and_zp() -> None:
+    """The character class the text fields are checked with is exactly those categories."""
+    import sys
+    import unicodedata
+
+    expected = {
+        chr(code)
+        for code in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(code)) in ("Cc", "Zl", "Zp")
+    }
+    found = {
+        chr(code) for code in range(sys.maxunicode + 1) if validation._has_control_chars(chr(code))
+    }
+    assert found == expected

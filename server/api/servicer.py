@@ -62,7 +62,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         )
         access.ensure_own_customer(order.customer_id)
         try:
-            await self._orders.start(order)
+            total = await self._orders.start(order)
         except WorkflowAlreadyStartedError:
             if not request.request_id:
                 raise errors.OrderAlreadyExists(order.order_id) from None
@@ -81,7 +81,6 @@ class OrderService(pb_grpc.OrderServiceServicer):
                     reason="REQUEST_ID_REUSED",
                 ) from None
             return _created(state.order_id, state.status, state.total_amount, retried=True)
-        total = models.order_total(order.items)
         return _created(order.order_id, models.OrderStatus.PENDING, total, retried=False)
 
     async def ConfirmPayment(

@@ -35,6 +35,8 @@ class AuditTrail(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self) -> None:
         # Full method names, e.g. "/acme.orders.v1.OrderService/CreateOrder".
         self._writes = frozenset(ORDER_METHODS[rpc] for rpc in WRITES)
+        # Write method -> (the handler grpc gave, ours for it).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -46,6 +48,15 @@ class AuditTrail(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # The writes are unary: a streaming handler is not one of them.
         if handler is None or method not in self._writes or handler.unary_unary is None:
             return handler
+        # Wrapped once per method while grpc gives the same handler, as the request path does.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        ours = self._audited(method, handler)
+        self._wrapped[method] = (handler, ours)
+        return ours
+
+    def _audited(self, method: str, handler: Any) -> Any:
         rpc = method.rpartition("/")[2]
         behavior = handler.unary_unary
 

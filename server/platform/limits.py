@@ -249,6 +249,8 @@ class Limits(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._list_cap = settings.list_orders_per_caller
         self._listing: dict[str, int] = {}
         self._readers = readers
+        # Method -> (the handler grpc gave, ours for it); only known methods get here.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -259,6 +261,17 @@ class Limits(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None
         method = handler_call_details.method
+        # The wrapping depends on the method and its handler alone: made once, as the
+        # request path does (docs/performance/README.md).
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        ours = self._wrap(method, handler)
+        if ours is not handler:
+            self._wrapped[method] = (handler, ours)
+        return ours
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         streaming = handler.request_streaming or handler.response_streaming
         is_open = method.startswith(self._open_prefixes)
         if is_open:

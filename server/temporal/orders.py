@@ -21,6 +21,7 @@ from temporalio.service import RPCError
 from server.api import errors
 from server.platform.request_path import time_remaining
 from workflows import models, search_attributes
+from workflows.money import Money
 
 # Our own deadline on a Temporal call runs this much past the rpc_timeout we
 # give temporalio, so its more specific error normally arrives first. It is
@@ -64,8 +65,9 @@ class OrderWorkflows:
     def _handle(self, order_id: str) -> WorkflowHandle[object, object]:
         return self._client.get_workflow_handle(models.workflow_id_for(order_id))
 
-    async def start(self, order: models.OrderInput) -> None:
-        """Starts the order's workflow; WorkflowAlreadyStartedError if its id was ever used."""
+    async def start(self, order: models.OrderInput) -> Money:
+        """Starts the order's workflow and returns the order's total; WorkflowAlreadyStartedError
+        if its id was ever used."""
         total = models.order_total(order.items)
         created_at = datetime.now(UTC)
         customer = search_attributes.customer_key(self._customer_id_key, order.customer_id)
@@ -97,6 +99,7 @@ class OrderWorkflows:
                 rpc_timeout=timeout,
             ),
         )
+        return total
 
     async def state(self, order_id: str) -> models.OrderState:
         """The order as its workflow's last completed task left it, from the memo: no worker
