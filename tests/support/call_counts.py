@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import SecretStr
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
@@ -33,7 +34,7 @@ from server.platform.app import OrderServer, start_server
 from server.platform.settings import ServerSettings
 from tests.support import counting_proxy as methods
 from tests.support.counting_proxy import CountingProxy
-from tests.support.keys import key_settings, with_codec
+from tests.support.keys import key_settings, key_variables, with_codec
 from tests.support.orders import create_request, money, payment_request
 from tests.support.polling import eventually
 from tests.support.stack import async_stub, next_message, rest_of
@@ -97,6 +98,7 @@ async def counted_stack(client: Client, outbox: Path) -> AsyncIterator[CountedSt
             task_queue=task_queue,
             payload_keys=payload_keys,
             customer_id_key=customer_id_key,
+            page_token_keys=SecretStr(key_variables()["ORDER_PAGE_TOKEN_KEYS"]),
         )
         proxied = await temporal_client.connect(settings, keys=settings.keys)
         async with build_worker(client, task_queue, activities):
