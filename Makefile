@@ -138,6 +138,7 @@ mutate: install
 bench: install
 	$(PY) -m tests.bench.benchmark --temporal-tuning="$(TEMPORAL_TUNING)" $(ARGS)
 	$(PY) -m tests.bench.call_counts
+	$(PY) -m tests.bench.no_worker
 
 ## dist: the client package for other services (generated code + acme_orders_client), as a wheel
 ## and an sdist in dist/: acme_orders_api-<version>-py3-none-any.whl (docs/client.md).
