@@ -40,6 +40,7 @@ from tests.support.env import clean_environ, with_changes
 from tests.support.h2_client import StalledClient
 from tests.support.keys import key_variables
 from tests.support.orders import create_request
+from tests.support.polling import eventually
 from tests.support.stack import Stack, async_stub
 
 SERVICE = "acme.orders.v1.OrderService"
@@ -399,4 +400,11 @@ async def test_a_client_that_never_reads_is_disconnected_and_its_memory_freed(
         grown = await freed()
         assert grown < 20, f"RSS {grown:.1f} MB above where it started ({held:.1f} MB held)"
         print(f"held {held:.1f} MB, after the disconnect {grown:.1f} MB above the start")
-        assert "a client that does not read" in server.process.log_text()
+        # The server logs the disconnect just after closing the socket, in a process of its
+        # own: on a loaded machine the line can come after the client saw the close.
+        await eventually(
+            lambda: asyncio.to_thread(server.process.log_text),
+            lambda text: "a client that does not read" in text,
+            within=15,
+            what="the server's log line naming the disconnect",
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,7 +16,7 @@ from google.protobuf.message import Message
 
 from infra import logs
 from server.api import access
-from server.platform.request_path import handler_of_the_same_kind
+from server.platform.request_path import HandlerWrapper, handler_of_the_same_kind
 from server.platform.tokens import ORDER_METHODS
 
 logger = logging.getLogger("audit")
@@ -28,33 +27,20 @@ WRITES = ("CreateOrder", "ConfirmPayment", "CancelOrder")
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class AuditTrail(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class AuditTrail(HandlerWrapper):
     """Wraps the writes' handlers; first among the interceptors, so it sees every outcome,
     those the request path and the token check give included."""
 
     def __init__(self) -> None:
+        super().__init__()
         # Full method names, e.g. "/acme.orders.v1.OrderService/CreateOrder".
         self._writes = frozenset(ORDER_METHODS[rpc] for rpc in WRITES)
-        # Write method -> (the handler grpc gave, ours for it).
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+    def wrap(self, method: str, handler: Any) -> Any:
         # The writes are unary: a streaming handler is not one of them.
-        if handler is None or method not in self._writes or handler.unary_unary is None:
+        if method not in self._writes or handler.unary_unary is None:
             return handler
-        # Wrapped once per method while grpc gives the same handler, as the request path does.
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        ours = self._audited(method, handler)
-        self._wrapped[method] = (handler, ours)
-        return ours
+        return self._audited(method, handler)
 
     def _audited(self, method: str, handler: Any) -> Any:
         rpc = method.rpartition("/")[2]

@@ -10,7 +10,7 @@ import inspect
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +26,7 @@ from pydantic_settings import NoDecode
 from infra.settings import Duration, Options, setting
 from server.api import access, errors
 from server.platform import reflection
-from server.platform.request_path import handler_of_the_same_kind
+from server.platform.request_path import HandlerWrapper, handler_of_the_same_kind
 from server.platform.slow_readers import SlowReaders, TimedWrites, message_size
 from server.platform.tokens import ORDER_METHODS, ROLES
 
@@ -228,7 +228,7 @@ def rate_class(principal: access.Principal) -> str:
     return DEFAULT
 
 
-class Limits(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class Limits(HandlerWrapper):
     """Caps calls in progress per class of service, each caller's rate and its ListOrders
     in progress; with `readers`, times every response until grpc has sent it."""
 
@@ -240,6 +240,7 @@ class Limits(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         readers: SlowReaders | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self._open_prefixes = tuple(f"/{name}/" for name in open_services)
         self._service = _Class("OrderService calls", settings.max_concurrent_rpcs)
         self._open_streams = _Class("open streams", settings.open_max_concurrent_rpcs)
@@ -249,29 +250,8 @@ class Limits(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._list_cap = settings.list_orders_per_caller
         self._listing: dict[str, int] = {}
         self._readers = readers
-        # Method -> (the handler grpc gave, ours for it); only known methods get here.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        # The wrapping depends on the method and its handler alone: made once, as the
-        # request path does (docs/performance/README.md).
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        ours = self._wrap(method, handler)
-        if ours is not handler:
-            self._wrapped[method] = (handler, ours)
-        return ours
-
-    def _wrap(self, method: str, handler: Any) -> Any:
+    def wrap(self, method: str, handler: Any) -> Any:
         streaming = handler.request_streaming or handler.response_streaming
         is_open = method.startswith(self._open_prefixes)
         if is_open:

@@ -102,16 +102,16 @@ class _Outcome:
     messages: int | None = None  # on a stream: how many were sent
 
 
-class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Puts every RPC of every service through `_serving`; first among the interceptors,
-    so it sees what the others refuse too."""
+class HandlerWrapper(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """An interceptor that wraps each method's handler once, in `wrap`, and reuses the
+    wrapping while grpc hands it the same handler: grpc asks again for every RPC.
 
-    def __init__(self, metrics: GrpcServerMetrics | None, *, logged_services: list[str]) -> None:
-        self._metrics = metrics
-        self._logged = frozenset(logged_services)
-        # Method -> (the handler grpc gave, ours for it): grpc asks again for every RPC and
-        # usually gets the same handler, whose wrapping is then reused (about 10 µs an RPC).
-        # Unknown methods are never kept, so this holds at most one entry per method served.
+    Unknown methods (no handler) are never kept, so this holds at most one entry per
+    method served.
+    """
+
+    def __init__(self) -> None:
+        # Method -> (the handler grpc gave, ours for it).
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
@@ -122,10 +122,30 @@ class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None
-        cached = self._wrapped.get(handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        service, _, name = handler_call_details.method.lstrip("/").rpartition("/")
+        ours = self.wrap(method, handler)
+        self._wrapped[method] = (handler, ours)
+        return ours
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        """The handler to serve `method` with: `handler` itself, or one wrapping it."""
+        raise NotImplementedError
+
+
+class RequestPath(HandlerWrapper):
+    """Puts every RPC of every service through `_serving`; first among the interceptors,
+    so it sees what the others refuse too."""
+
+    def __init__(self, metrics: GrpcServerMetrics | None, *, logged_services: list[str]) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._logged = frozenset(logged_services)
+
+    def wrap(self, method_name: str, handler: Any) -> Any:
+        service, _, name = method_name.lstrip("/").rpartition("/")
         kind, attribute, _ = _KINDS[handler.request_streaming, handler.response_streaming]
         behavior = getattr(handler, attribute)
         method = _Method(kind, service, name, service in self._logged)
@@ -155,9 +175,7 @@ class RequestPath(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             wrapped = unary
         else:  # a synchronous handler: not ours to wrap
             return handler
-        ours = handler_of_the_same_kind(handler, wrapped, deserialize)
-        self._wrapped[handler_call_details.method] = (handler, ours)
-        return ours
+        return handler_of_the_same_kind(handler, wrapped, deserialize)
 
     @asynccontextmanager
     async def _serving(

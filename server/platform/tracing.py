@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from server.platform.request_path import handler_of_the_same_kind
+from server.platform.request_path import HandlerWrapper, handler_of_the_same_kind
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 # The codes OpenTelemetry's gRPC conventions count as the server's error; the
@@ -34,7 +34,7 @@ SERVER_ERRORS = frozenset(
 )
 
 
-class ServerSpans(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class ServerSpans(HandlerWrapper):
     """One SERVER span per RPC of `traced_services` (not health probes), current while it runs.
 
     First among the interceptors, so that every line the RPC logs, its refusals
@@ -42,18 +42,14 @@ class ServerSpans(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """
 
     def __init__(self, tracer: trace.Tracer, *, traced_services: list[str]) -> None:
+        super().__init__()
         self._tracer = tracer
         self._traced = frozenset(traced_services)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        full_name = handler_call_details.method.lstrip("/")
+    def wrap(self, method_name: str, handler: Any) -> Any:
+        full_name = method_name.lstrip("/")
         service, _, method = full_name.rpartition("/")
-        if handler is None or service not in self._traced:
+        if service not in self._traced:
             return handler
         attribute = "_".join(
             "stream" if streaming else "unary"
