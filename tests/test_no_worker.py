@@ -17,13 +17,16 @@ from typing import TypeVar
 import grpc
 import pytest
 import pytest_asyncio
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
+from server.api import validation
 from server.platform.app import OrderServer, start_server
 from server.platform.health import WORKERS
 from server.platform.settings import ServerSettings
@@ -33,6 +36,7 @@ from tests.support.orders import LAPTOP_PRICE, create_request, money
 from tests.support.polling import eventually
 from tests.support.stack import async_stub, next_message, rest_of
 from worker.app import build_worker
+from workflows import models
 from workflows.money import Money
 
 T = TypeVar("T")
@@ -166,3 +170,31 @@ async def read_everything(
     )
     assert delivery.HasField("estimated_delivery") == (status == S.ORDER_STATUS_DELIVERED)
     return order
+
+
+async def test_an_order_without_a_state_in_its_memo_is_unavailable_at_once(
+    temporal: WorkflowEnvironment, server: OrderServer
+) -> None:
+    """An order from before decision 0016 (or started by hand, as the seed's REST API did)
+    holds no state in its memo: its read is a query, which only a worker answers. With none,
+    UNAVAILABLE with RetryInfo after about a second (QUERY_CAP), not the 10 s Temporal
+    timeout."""
+    order = validation.validate_create_order(create_request(), payment_timeout_seconds=3600)
+    await temporal.client.start_workflow(
+        models.WORKFLOW_NAME,
+        order,
+        id=models.workflow_id_for(order.order_id),
+        task_queue=server.settings.task_queue,
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = async_stub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetOrder(pb.GetOrderRequest(order_id=order.order_id), timeout=30)
+        waited = time.monotonic() - started
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    assert status is not None
+    assert any(detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in status.details)
+    # QUERY_CAP plus the slack of within_deadline; generous for a loaded machine.
+    assert waited < 4.0, f"waited {waited:.1f} s, as if for the whole Temporal timeout"

@@ -35,6 +35,12 @@ _MIN_TIMEOUT_SECONDS = 0.01
 _R = TypeVar("_R")
 
 
+# Orders started before the state was kept in the memo (decision 0016) are read with a
+# query, which only a worker answers. A worker answers in milliseconds; with none, the
+# caller gets UNAVAILABLE with RetryInfo after this, not after the whole Temporal timeout.
+QUERY_CAP = timedelta(seconds=1)
+
+
 async def within_deadline(cap: timedelta, operation: Callable[[timedelta], Awaitable[_R]]) -> _R:
     """`operation(rpc_timeout)` within the cap and the caller's deadline; TimeoutError if not."""
     guard = cap.total_seconds() + TIMEOUT_SLACK_SECONDS
@@ -129,7 +135,7 @@ class OrderWorkflows:
     async def _query(self, order_id: str, query: str, result_type: type[_R]) -> _R:
         handle = self._handle(order_id)
         return await within_deadline(
-            self.rpc_timeout,
+            min(self.rpc_timeout, QUERY_CAP),
             lambda timeout: handle.query(query, result_type=result_type, rpc_timeout=timeout),
         )
 
