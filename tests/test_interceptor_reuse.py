@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health as grpc_health
 
 from server.platform import limits
 from server.platform.audit import AuditTrail
@@ -34,7 +35,7 @@ def _interceptors() -> list[Any]:
     return [
         AuditTrail(),
         RequestPath(None, logged_services=["acme.orders.v1.OrderService"]),
-        limits.Limits(ServerSettings(), open_services=limits.OPEN_SERVICES),
+        limits.Limits(ServerSettings(), open_services=[grpc_health.SERVICE_NAME]),
     ]
 
 

@@ -116,21 +116,28 @@ def _listen_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _open_services(settings: ServerSettings) -> list[str]:
+    """What anyone may call without a token, counted apart from the OrderService's calls:
+    health, so probes need no secret, and reflection when it is served."""
+    return [grpc_health.SERVICE_NAME, *(reflection.SERVICE_NAMES if settings.reflection else ())]
+
+
 def _interceptors(
-    settings: ServerSettings, metrics: GrpcServerMetrics | None
+    settings: ServerSettings,
+    metrics: GrpcServerMetrics | None,
+    readers: SlowReaders,
+    tracing: otel.Tracing | None,
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """The audit trail and the request path first, so they see what the others refuse;
-    then the token check."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-        AuditTrail(),
-        RequestPath(metrics, logged_services=[SERVICE_NAME]),
-    ]
+    """Every RPC's path, outermost first: its span, so every line it logs carries the
+    span's ids; the audit trail and the request path, so they see what the others refuse;
+    the token check; the limits, which know the caller the token check bound."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+    if tracing is not None:
+        interceptors.append(ServerSpans(tracing.tracer(__name__), traced_services=[SERVICE_NAME]))
+    interceptors += [AuditTrail(), RequestPath(metrics, logged_services=[SERVICE_NAME])]
+    open_services = _open_services(settings)
     verifier = JwtVerifier.from_settings(settings)
     if settings.auth_tokens_file is not None or verifier is not None:
-        # Health stays open so probes need no secret; reflection, when served, too.
-        open_services = [grpc_health.SERVICE_NAME]
-        if settings.reflection:
-            open_services.extend(reflection.SERVICE_NAMES)
         tokens_file = settings.auth_tokens_file
         store = tokens.TokenStore([]) if tokens_file is None else tokens.load(tokens_file)
         # End users are named in logs by a hash keyed like visibility's customer ids.
@@ -138,6 +145,7 @@ def _interceptors(
         interceptors.append(
             BearerTokenAuth(store, open_services=open_services, jwt=verifier, customer_id_key=key)
         )
+    interceptors.append(limits.Limits(settings, open_services=open_services, readers=readers))
     return interceptors
 
 
@@ -163,18 +171,9 @@ async def start_server(
             interceptors=tracing.temporal_interceptors() if tracing is not None else (),
         )
     metrics = GrpcServerMetrics(temporal=buffer) if settings.metrics_port is not None else None
-    interceptors = _interceptors(settings, metrics)
     readers = SlowReaders(settings.write_timeout.total_seconds(), settings.max_unsent_bytes)
-    # Last: the limits know the caller the token check bound (docs/decisions/0022).
-    interceptors.append(
-        limits.Limits(settings, open_services=limits.OPEN_SERVICES, readers=readers)
-    )
-    if tracing is not None:
-        # First of all: every line an RPC logs, its refusals' too, carries the span's ids.
-        spans = ServerSpans(tracing.tracer(__name__), traced_services=[SERVICE_NAME])
-        interceptors.insert(0, spans)
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=_interceptors(settings, metrics, readers, tracing),
         options=SERVER_OPTIONS,
         # A backstop: the limits' own caps, per class of service, refuse first.
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,

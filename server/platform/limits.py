@@ -19,13 +19,11 @@ from typing import Annotated, Any
 import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health as grpc_health
 from pydantic import BeforeValidator
 from pydantic_settings import NoDecode
 
 from infra.settings import Duration, Options, setting
 from server.api import access, errors
-from server.platform import reflection
 from server.platform.request_path import HandlerWrapper, handler_of_the_same_kind
 from server.platform.slow_readers import SlowReaders, TimedWrites, message_size
 from server.platform.tokens import ORDER_METHODS, ROLES
@@ -41,8 +39,6 @@ DEFAULT_RATES = (
     "customer=10/20,default=50/100"
 )
 LIST_ORDERS = ORDER_METHODS["ListOrders"]
-# Callable without a token, so counted apart from the OrderService's calls.
-OPEN_SERVICES = (grpc_health.SERVICE_NAME, *reflection.SERVICE_NAMES)
 # What a refused caller is told to wait when no clock says better: calls in progress end soon.
 BUSY_RETRY = timedelta(seconds=1)
 # Past the classes' caps, grpc's own cap refuses before any interceptor: room for
