@@ -138,7 +138,7 @@ class _SharedWatch:
             # The state as the last workflow task in these events left it, from the
             # memo: no query needed. (Catching up, the earlier states are history.)
             state = None
-            if (latest := _latest_memo_state(response.history.events)) is not None:
+            if (latest := latest_memo_state(response.history.events)) is not None:
                 state, in_memo = await self._decode(latest), True
             elif not in_memo and (
                 closed
@@ -239,7 +239,7 @@ class _SharedWatch:
         self._on_end(self)
 
 
-def _latest_memo_state(events: Sequence[HistoryEvent]) -> Payload | None:
+def latest_memo_state(events: Sequence[HistoryEvent]) -> Payload | None:
     """The last order state the events carry: the start's memo or an upsert of it."""
     for event in reversed(events):
         if event.HasField("workflow_properties_modified_event_attributes"):

@@ -49,8 +49,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from temporalio.api.common.v1 import Payload, WorkflowExecution
-from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
@@ -65,6 +64,7 @@ from infra.process_exit import exit_without_finalization
 from server.api import validation
 from server.temporal.listing import ListFilter, other_runs_query, visibility_query
 from server.temporal.listing import Run as ListedRun
+from server.temporal.watching import latest_memo_state
 from tests.bench.measure import Run, cpu_seconds, run_calls
 from tests.support.orders import create_request, payment_request
 from workflows import models, rules, search_attributes
@@ -191,7 +191,7 @@ class Raw:
                 request, retry=True, timeout=POLL_TIMEOUT
             )
             token = response.next_page_token
-            if (payload := latest_state(response.history.events)) is not None:
+            if (payload := latest_memo_state(response.history.events)) is not None:
                 [decoded] = await self.client.data_converter.decode([payload], [models.OrderState])
                 state = decoded
             if not token or (state is not None and rules.is_settled(state)):
@@ -208,20 +208,6 @@ class Raw:
         state = await self.follow(order_id)
         if state.status != models.OrderStatus.DELIVERED:
             raise RuntimeError(f"order {order_id} ended {state.status}")
-
-
-def latest_state(events: Sequence[HistoryEvent]) -> Payload | None:
-    """The last order state the events carry: the start's memo or an upsert of it."""
-    for event in reversed(events):
-        if event.HasField("workflow_properties_modified_event_attributes"):
-            fields = event.workflow_properties_modified_event_attributes.upserted_memo.fields
-        elif event.HasField("workflow_execution_started_event_attributes"):
-            fields = event.workflow_execution_started_event_attributes.memo.fields
-        else:
-            continue
-        if search_attributes.MEMO_ORDER_STATE in fields:
-            return fields[search_attributes.MEMO_ORDER_STATE]
-    return None
 
 
 def list_query(customer_id: str, created_after: datetime, customer_id_key: bytes) -> str:
