@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.common.v1 import Payload, WorkflowExecution
 from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
@@ -49,6 +49,13 @@ async def within_deadline(cap: timedelta, operation: Callable[[timedelta], Await
         guard = min(guard, max(remaining - _ANSWER_MARGIN_SECONDS, _MIN_TIMEOUT_SECONDS))
     async with asyncio.timeout(guard):
         return await operation(min(cap, timedelta(seconds=guard)))
+
+
+async def decode_state(client: Client, payload: Payload) -> models.OrderState:
+    """An order state the workflow keeps in its memo, decoded (and decrypted) by `client`."""
+    [state] = await client.data_converter.decode([payload], [models.OrderState])
+    assert isinstance(state, models.OrderState)
+    return state
 
 
 class OrderWorkflows:
@@ -126,11 +133,7 @@ class OrderWorkflows:
         memo = described.workflow_execution_info.memo.fields
         if search_attributes.MEMO_ORDER_STATE not in memo:
             return await self._query(order_id, models.GET_FULL_STATE_QUERY, models.OrderState)
-        [state] = await self._client.data_converter.decode(
-            [memo[search_attributes.MEMO_ORDER_STATE]], [models.OrderState]
-        )
-        assert isinstance(state, models.OrderState)
-        return state
+        return await decode_state(self._client, memo[search_attributes.MEMO_ORDER_STATE])
 
     async def _query(self, order_id: str, query: str, result_type: type[_R]) -> _R:
         handle = self._handle(order_id)

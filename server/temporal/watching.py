@@ -22,7 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import convert, errors
-from server.temporal.orders import TIMEOUT_SLACK_SECONDS
+from server.temporal.orders import TIMEOUT_SLACK_SECONDS, decode_state
 from workflows import models, rules, search_attributes
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class _SharedWatch:
             # memo: no query needed. (Catching up, the earlier states are history.)
             state = None
             if (latest := latest_memo_state(response.history.events)) is not None:
-                state, in_memo = await self._decode(latest), True
+                state, in_memo = await decode_state(self._client, latest), True
             elif not in_memo and (
                 closed
                 or any(
@@ -204,11 +204,6 @@ class _SharedWatch:
         ):
             return current.execution.run_id
         return ""  # closed for good: its last state is the order's final one
-
-    async def _decode(self, payload: Payload) -> models.OrderState:
-        [state] = await self._client.data_converter.decode([payload], [models.OrderState])
-        assert isinstance(state, models.OrderState)
-        return state
 
     async def _query(self) -> models.OrderState:
         """The state from the workflow, for orders started before it was kept in the memo."""
