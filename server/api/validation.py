@@ -70,6 +70,12 @@ def _has_control_chars(text: str) -> bool:
     return _CONTROL_CHARS.search(text) is not None
 
 
+def is_identifier(kind: str, value: str) -> bool:
+    """Whether `value` is a valid identifier of `kind` ("customer_id" ...), as requests check it."""
+    _, _, max_length = _IDENTIFIERS[kind]
+    return 0 < len(value) <= max_length and _PATTERNS[kind].fullmatch(value) is not None
+
+
 def _check_identifier(v: _Violations, field: str, value: str) -> None:
     """`field` ("items[0].product_id" too) holds an identifier of the kind its last name says."""
     kind = field.rpartition(".")[2]
