@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 from urllib.parse import urlsplit
 
@@ -33,7 +32,6 @@ from infra.keys import KeySettings
 from infra.logs import LogSettings
 from infra.settings import (
     CommaList,
-    ExistingFile,
     Options,
     Port,
     ProcessSettings,
@@ -72,11 +70,6 @@ def _origins(values: frozenset[str]) -> frozenset[str]:
 Origins = Annotated[frozenset[str], NoDecode, CommaList, AfterValidator(_origins)]
 
 
-def _tokens_file(path: Path) -> Path:
-    tokens.load(path)  # a mistake in it stops the codec server before it starts
-    return path
-
-
 class CodecSettings(Options):
     """The codec server."""
 
@@ -87,7 +80,7 @@ class CodecSettings(Options):
         "ORDER_CODEC_ALLOWED_ORIGINS",
         "origins of the Web UIs that may call it from a browser (CORS), comma-separated",
     )
-    auth_tokens_file: Annotated[ExistingFile, AfterValidator(_tokens_file)] | None = setting(
+    auth_tokens_file: tokens.TokensFile | None = setting(
         None,
         "ORDER_AUTH_TOKENS_FILE",
         "the gRPC server's tokens file: every request needs the bearer token of a caller "

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
-from typing import Annotated, ClassVar, Self
+from typing import ClassVar, Self
 
-from pydantic import AfterValidator, model_validator
+from pydantic import model_validator
 
 from infra.keys import KeySettings
 from infra.logs import LogSettings
@@ -25,11 +24,6 @@ from server.platform import tls, tokens
 from server.platform.jwt_auth import JwtSettings
 from server.platform.limits import LimitSettings
 from workflows import models
-
-
-def _tokens_file(path: Path) -> Path:
-    tokens.load(path)  # a mistake in it stops the server before it starts
-    return path
 
 
 class ServiceSettings(Options):
@@ -74,7 +68,7 @@ class SecuritySettings(Options):
         "ORDER_TLS_CLIENT_CA",
         "PEM CA bundle: require client certificates it signed (mutual TLS)",
     )
-    auth_tokens_file: Annotated[ExistingFile, AfterValidator(_tokens_file)] | None = setting(
+    auth_tokens_file: tokens.TokensFile | None = setting(
         None,
         "ORDER_AUTH_TOKENS_FILE",
         "TOML file of callers, their hashed bearer tokens and roles",

@@ -14,8 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from acme.orders.v1 import order_service_pb2 as pb
+from infra.settings import ExistingFile
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["OrderService"]
 # "GetOrder" -> "/acme.orders.v1.OrderService/GetOrder", the name gRPC routes by.
@@ -225,3 +229,12 @@ def load(path: Path) -> TokenStore:
         return parse(text)
     except ValueError as err:
         raise TokenFileError(f"{path}: {err}") from None
+
+
+def _loadable(path: Path) -> Path:
+    load(path)  # a mistake in it stops the process before it starts
+    return path
+
+
+# The type of a setting naming a tokens file: read and checked with the settings.
+TokensFile = Annotated[ExistingFile, AfterValidator(_loadable)]
