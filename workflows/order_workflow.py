@@ -177,7 +177,7 @@ class OrderWorkflow:
 
     # --- Signals: record, validate, never block ------------------------------
     # What the order refuses is recorded (rejected_payments) or logged: a
-    # signal has no caller to answer (the server asks a query first for that).
+    # signal has no caller to answer (the server reads the memo's state first for that).
 
     @workflow.signal(name=CONFIRM_PAYMENT_SIGNAL)
     def confirm_payment(self, payment: PaymentRequest) -> None:
@@ -517,8 +517,6 @@ class OrderWorkflow:
                 id=f"{workflow.info().workflow_id}/email/{notification.kind.value}",
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )
-
-    # --- Helpers ----------------------------------------------------------------
 
     def _is_known_transaction(self, transaction_id: str) -> bool:
         paid = self._state.payment_info

@@ -74,7 +74,7 @@ def item_to_proto(item: models.OrderItem) -> pb.OrderItem:
 
 
 def order_to_proto(state: models.OrderState) -> pb.Order:
-    """The whole order, as the `get_full_state` query returned it."""
+    """The whole order, as the workflow keeps it (its memo, or the `get_full_state` query)."""
     paid, shipped, refund = state.payment_info, state.shipment_info, state.refund_info
     return pb.Order(
         order_id=state.order_id,

@@ -1,4 +1,4 @@
-"""The order workflows as the API uses them: start, query, signal, within the caller's deadline."""
+"""The order workflows as the API uses them: start, read, signal, within the caller's deadline."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ async def decode_state(client: Client, payload: Payload) -> models.OrderState:
 
 
 class OrderWorkflows:
-    """Starts, queries and signals order workflows on one task queue."""
+    """Starts, reads and signals order workflows on one task queue."""
 
     def __init__(
         self,
