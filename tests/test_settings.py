@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.settings import format_duration, parse_duration
+from infra.settings import ProcessSettings, format_duration, parse_duration
 from server.platform.settings import ServerSettings
 from tests.support import docs
 from tests.support.env import settings_from
@@ -179,3 +179,37 @@ def test_the_configuration_reference_is_generated_from_the_models() -> None:
     """docs/configuration.md: `make docs` rewrites it; this fails when the two drift."""
     committed = Path(docs.CONFIGURATION).read_text()
     assert committed == docs.configuration_reference(), "run `make docs`"
+
+
+def _decision_0014_names() -> list[tuple[str, list[str], str]]:
+    """(variable, flags, process) for every row of decision 0014's "Every name" table."""
+    text = (Path(__file__).parents[1] / "docs/decisions/0014-settings.md").read_text()
+    rows = []
+    for line in text.split("## Every name", 1)[1].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            variable, flags, processes, _ = cells
+            for process in processes.split(", "):
+                rows.append(
+                    (variable.strip("`"), [f.strip("` ") for f in flags.split(",")], process)
+                )
+    return rows
+
+
+_PROCESSES: dict[str, type[ProcessSettings]] = {"server": ServerSettings, "worker": WorkerSettings}
+
+
+@pytest.mark.parametrize(("variable", "flags", "process"), _decision_0014_names())
+def test_every_name_decision_0014_lists_still_works(
+    variable: str, flags: list[str], process: str
+) -> None:
+    """The names users and deployments already have: dropping or renaming one fails here."""
+    settings = _PROCESSES[process]
+    named = {item.env: item.name for item in settings.settings()}
+    assert variable in named, f"{process} no longer reads {variable}"
+    # Each flag the table lists sets that same setting on the command line.
+    parser = settings.parser()
+    for flag in flags:
+        action = parser._option_string_actions.get(flag)
+        assert action is not None, f"{process} no longer takes {flag}"
+        assert action.dest == named[variable], f"{process}: {flag} sets another setting"
