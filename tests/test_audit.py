@@ -9,12 +9,9 @@ and writes refused at every stage. An end user's id never appears in clear.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,43 +19,18 @@ import pytest
 import pytest_asyncio
 
 from acme.orders.v1 import order_service_pb2 as pb
-from infra.logs import JsonFormatter, OrderContextFilter, TextFormatter
 from server.platform import jwt_auth
-from tests.support.jwt import Guarded, bearer, guarded_server
+from tests.support.jwt import Guarded, guarded_server
 from tests.support.keys import KEYS
+from tests.support.logs import captured_logs
 from tests.support.orders import create_request, payment_request
-from tests.support.stack import Stack
+from tests.support.stack import Stack, bearer
 
 
 @pytest_asyncio.fixture(scope="module")
 async def guarded(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Guarded]:
     async with guarded_server(stack, tmp_path_factory.mktemp("audit")) as server:
         yield server
-
-
-@contextmanager
-def server_logs() -> Iterator[tuple[io.StringIO, io.StringIO]]:
-    """Every line logged at INFO or above while the block runs, in the server's text and
-    JSON formats."""
-    text, json_lines = io.StringIO(), io.StringIO()
-    handlers = []
-    for out, formatter in ((text, TextFormatter()), (json_lines, JsonFormatter())):
-        handler = logging.StreamHandler(out)
-        handler.addFilter(OrderContextFilter())
-        handler.setFormatter(formatter)
-        handler.setLevel(logging.INFO)
-        handlers.append(handler)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.INFO)
-    for handler in handlers:
-        root.addHandler(handler)
-    try:
-        yield text, json_lines
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-        root.setLevel(level)
 
 
 async def outcome(call: Any) -> grpc.StatusCode:
@@ -77,7 +49,7 @@ async def test_every_write_is_audited_and_every_line_names_its_caller(guarded: G
     admin = guarded.system("admin")
     theirs = (await stub.CreateOrder(create_request(customer_id=other), metadata=admin)).order_id
 
-    with server_logs() as (text_out, json_out):
+    with captured_logs("text", "json") as (text_out, json_out):
         mine = await stub.CreateOrder(
             create_request(customer_id=own), metadata=guarded.system("storefront")
         )

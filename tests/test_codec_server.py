@@ -42,6 +42,7 @@ from server.platform import tokens
 from tests.support.env import ROOT, clean_environ, venv_binary
 from tests.support.keys import KEYS, key_settings, keys_file
 from tests.support.orders import create_request
+from tests.support.payloads import json_payloads
 from tests.support.stack import Stack
 from workflows import search_attributes
 
@@ -226,20 +227,10 @@ def test_the_cli_needs_no_preflight(open_server: CodecServer) -> None:
 def payload_texts(shown: str) -> str:
     """The data of every payload in `temporal workflow show -o json`'s output, which prints
     it in base64, as text."""
-    found: list[str] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("metadata"), dict) and isinstance(node.get("data"), str):
-                found.append(base64.b64decode(node["data"]).decode("utf-8", "replace"))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(shown))
-    return "\n".join(found)
+    return "\n".join(
+        base64.b64decode(payload["data"]).decode("utf-8", "replace")
+        for payload in json_payloads(shown)
+    )
 
 
 async def temporal_show(temporal_address: str, workflow_id: str, *flags: str) -> tuple[int, str]:

@@ -15,12 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.client
-import io
 import json
-import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +27,12 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from infra.logs import TEXT_FORMAT, JsonFormatter, OrderContextFilter
 from server.codec_server import CodecServerSettings, start_codec_server
 from tests.support.env import venv_binary
 from tests.support.keys import KEYS, key_settings
+from tests.support.logs import captured_logs
 from tests.support.orders import create_request, email_workflows, payment_request
+from tests.support.payloads import json_payloads
 from tests.support.polling import eventually
 from tests.support.stack import open_stack, order_reaching
 from workflows import search_attributes
@@ -71,49 +69,6 @@ async def dev_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         await env.shutdown()
 
 
-@contextmanager
-def process_logs() -> Iterator[io.StringIO]:
-    """Every line logged at INFO or above while the block runs, as the processes write
-    them: text lines, then the same as JSON lines with the RPC's and the order's fields."""
-    out = io.StringIO()
-    handlers = []
-    for formatter in (logging.Formatter(TEXT_FORMAT), JsonFormatter()):
-        handler = logging.StreamHandler(out)
-        handler.addFilter(OrderContextFilter())
-        handler.setFormatter(formatter)
-        handler.setLevel(logging.INFO)
-        handlers.append(handler)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.INFO)
-    for handler in handlers:
-        root.addHandler(handler)
-    try:
-        yield out
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def history_payloads(history_json: str) -> list[dict[str, object]]:
-    """Every payload in a history as JSON (metadata and data in base64), however deep."""
-    payloads: list[dict[str, object]] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("metadata"), dict) and isinstance(node.get("data"), str):
-                payloads.append(node)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(history_json))
-    return payloads
-
-
 def decode_through_codec_server(history_json: str) -> str:
     """The history's payloads POSTed to a codec server's /decode, as the Web UI does; their
     data as text."""
@@ -125,7 +80,7 @@ def decode_through_codec_server(history_json: str) -> str:
     )
     try:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        body = json.dumps({"payloads": history_payloads(history_json)})
+        body = json.dumps({"payloads": json_payloads(history_json)})
         connection.request(
             "POST",
             "/decode",
@@ -158,7 +113,7 @@ async def test_no_email_address_or_customer_id_in_plain_text_anywhere(
     personal = {"email": email, "street address": street, "customer id": customer}
     plain: Client = dev_server.env.client  # no codec: what Temporal holds, as it holds it
 
-    with process_logs() as logs:
+    with captured_logs("text", "json") as logs:
         async with open_stack(plain, tmp_path / "outbox") as stack:
             created = await stack.stub.CreateOrder(
                 create_request(customer_id=customer, customer_email=email, shipping_address=street)
@@ -210,7 +165,7 @@ async def test_no_email_address_or_customer_id_in_plain_text_anywhere(
     leaks["its description"] = found(personal, described.raw_description.SerializeToString())
 
     # (c) What the server and the worker logged: the email only masked.
-    logged = logs.getvalue()
+    logged = "".join(out.getvalue() for out in logs)
     assert f"emailed 'Order Delivered: {order_id}' to z***@example.com" in logged
     assert f'"order_id": "{order_id}"' in logged  # the JSON lines too
     leaks["the server's and the worker's logs"] = found(personal, logged.encode())

@@ -221,9 +221,7 @@ def test_log_and_metrics_settings() -> None:
 
 def test_json_lines_carry_the_rpc_and_its_order() -> None:
     out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.addFilter(logs.OrderContextFilter())
-    handler.setFormatter(logs.JsonFormatter())
+    handler = logs.handler("json", out)
     log = logging.getLogger("tests.operations.json")
     log.addHandler(handler)
     log.propagate = False

@@ -441,9 +441,7 @@ async def test_the_server_span_has_the_rpcs_status_and_the_callers_parent(
 def test_log_lines_carry_the_current_spans_ids(log_format: str) -> None:
     stream = io.StringIO()
     # The handler logs.configure makes, on a logger of the test's own.
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(logs.OrderContextFilter())
-    handler.setFormatter(logs.JsonFormatter() if log_format == "json" else logs.TextFormatter())
+    handler = logs.handler(log_format, stream)
     logger = logging.getLogger(f"tests.tracing.{log_format}")
     logger.addHandler(handler)
     logger.propagate = False
