@@ -37,13 +37,12 @@ from tests.support.jwt import (
     Guarded,
     Issuer,
     SigningKey,
-    bearer,
     guarded_server,
     hs256_signed_with,
 )
 from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
-from tests.support.stack import Stack
+from tests.support.stack import Stack, bearer
 
 Code = grpc.StatusCode
 Metadata = tuple[tuple[str, str], ...]

@@ -32,16 +32,15 @@ from acme.orders.v1 import order_service_pb2 as pb
 from server import tokens as tokens_cli
 from server.api import access
 from server.platform import limits, tokens
-from server.platform.app import OrderServer, start_server
 from server.platform.limits import LimitSettings, Rate, TokenBuckets, TooManyCalls
 from server.platform.slow_readers import SlowReaders, peer_address
 from tests.support.cluster import Process, ServerProcess
-from tests.support.env import clean_environ, with_changes
+from tests.support.env import clean_environ
 from tests.support.h2_client import StalledClient
 from tests.support.keys import key_variables
 from tests.support.orders import create_request
 from tests.support.polling import eventually
-from tests.support.stack import Stack, async_stub
+from tests.support.stack import Stack, async_stub, bearer, serving
 
 SERVICE = "acme.orders.v1.OrderService"
 CALLERS = {"shop-a": "storefront", "shop-b": "storefront", "boss": "admin"}
@@ -61,22 +60,6 @@ def caller_tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
         )
     )
     return path, by_name
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
-
-
-@asynccontextmanager
-async def serving(stack: Stack, **changes: Any) -> AsyncIterator[OrderServer]:
-    """Another gRPC server in front of the stack's worker, with the settings changed."""
-    server = await start_server(
-        with_changes(stack.server.settings, port=0, **changes), stack.client
-    )
-    try:
-        yield server
-    finally:
-        await server.stop(grace=0.5)
 
 
 def details(err: grpc.aio.AioRpcError) -> dict[str, Any]:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -29,12 +27,12 @@ from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server import tokens as tokens_cli
 from server.platform import tokens
-from server.platform.app import OrderServer, start_server
+from server.platform.app import OrderServer
 from server.platform.settings import ServerSettings
 from tests.support.env import run, settings_from, venv_binary, with_changes
 from tests.support.orders import LAPTOP_PRICE, create_request
 from tests.support.polling import eventually
-from tests.support.stack import Stack, async_stub
+from tests.support.stack import Stack, async_stub, bearer, serving
 
 SERVICE = "acme.orders.v1.OrderService"
 ALL_RPCS = frozenset(tokens.ORDER_METHODS)
@@ -132,28 +130,12 @@ def auth_tokens(tmp_path_factory: pytest.TempPathFactory) -> Tokens:
     return Tokens(path, by_role, expired, status_reader)
 
 
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
-
-
 def tls_credentials(pki: Pki, *, client_cert: bool = False) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=pki.ca.read_bytes(),
         private_key=pki.client_key.read_bytes() if client_cert else None,
         certificate_chain=pki.client_cert.read_bytes() if client_cert else None,
     )
-
-
-@asynccontextmanager
-async def serving(stack: Stack, **changes: Any) -> AsyncIterator[OrderServer]:
-    """Another gRPC server in front of the stack's worker, with the settings changed."""
-    server = await start_server(
-        with_changes(stack.server.settings, port=0, **changes), stack.client
-    )
-    try:
-        yield server
-    finally:
-        await server.stop(grace=0.5)
 
 
 @dataclass

@@ -27,9 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server import tokens as tokens_cli
 from server.platform import tokens
-from server.platform.app import OrderServer, start_server
-from tests.support.env import with_changes
-from tests.support.stack import Stack, async_stub
+from server.platform.app import OrderServer
+from tests.support.stack import Stack, async_stub, bearer, serving
 
 ISSUER = "https://id.acme.example/"
 AUDIENCE = "orders.acme.example"
@@ -161,10 +160,6 @@ class Guarded:
         return bearer(self.issuer.token(customer_id))
 
 
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)
-
-
 @asynccontextmanager
 async def guarded_server(stack: Stack, directory: Path, **changes: Any) -> AsyncIterator[Guarded]:
     """Another gRPC server for the stack's worker, with a tokens file (a caller per role)
@@ -179,19 +174,16 @@ async def guarded_server(stack: Stack, directory: Path, **changes: Any) -> Async
     tokens_file = directory / "tokens.toml"
     tokens_file.write_text("\n".join(entries))
     issuer = Issuer()
-    settings = with_changes(
-        stack.server.settings,
-        port=0,
+    async with serving(
+        stack,
         auth_tokens_file=tokens_file,
         jwt_jwks_file=issuer.write_jwks(directory / "jwks.json"),
         jwt_issuer=issuer.issuer,
         jwt_audience=issuer.audience,
         **changes,
-    )
-    server = await start_server(settings, stack.client)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    try:
-        yield Guarded(server, channel, async_stub(channel), by_role, issuer)
-    finally:
-        await channel.close(grace=None)
-        await server.stop(grace=0.5)
+    ) as server:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        try:
+            yield Guarded(server, channel, async_stub(channel), by_role, issuer)
+        finally:
+            await channel.close(grace=None)

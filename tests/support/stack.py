@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from temporalio.client import Client
@@ -27,6 +28,7 @@ from activities.providers import ProviderSettings
 from infra.keys import Keys
 from server.platform.app import OrderServer, start_server
 from server.platform.settings import ServerSettings
+from tests.support.env import with_changes
 from tests.support.keys import KEYS, key_settings, with_codec
 from tests.support.polling import eventually
 from worker.app import build_worker
@@ -61,6 +63,23 @@ class Stack:
     def server(self) -> OrderServer:
         assert self.local is not None, "the server is a process of its own"
         return self.local[1]
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """The metadata of a call made with `token` (a bearer token or a JWT)."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@asynccontextmanager
+async def serving(stack: Stack, **changes: Any) -> AsyncIterator[OrderServer]:
+    """Another gRPC server in front of the stack's worker, with the settings changed."""
+    server = await start_server(
+        with_changes(stack.server.settings, port=0, **changes), stack.client
+    )
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
 
 
 @asynccontextmanager
