@@ -28,11 +28,10 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import ids
 from tests.support.env import clean_environ, venv_binary
-from tests.support.orders import create_request, payment_request
+from tests.support.orders import create_request, payment_request, pending_state
 from tests.support.polling import eventually
 from tests.support.stack import Stack, next_message, order_reaching, rest_of, watch
 from workflows import models, search_attributes
-from workflows.money import Money
 
 S = pb.OrderStatus
 Status = WorkflowExecutionStatus
@@ -315,18 +314,7 @@ async def test_continue_as_new_is_followed_and_listed_once(
     customer = new_customer()
     order_id = ids.new_order_id(None)
     workflow_id = models.workflow_id_for(order_id)
-    now = datetime.now(UTC)
-    state = models.OrderState(
-        order_id=order_id,
-        customer_id=customer,
-        customer_email="",
-        items=[models.OrderItem("P", "Pen", 1, Money("USD", 1))],
-        shipping=models.ShippingAddress("1 Main St", "Springfield", "12345", "USA"),
-        status=models.OrderStatus.PENDING,
-        total_amount=Money("USD", 1),
-        created_at=now,
-        updated_at=now,
-    )
+    state = pending_state(order_id, customer, datetime.now(UTC))
     handle = await client.start_workflow(
         models.WORKFLOW_NAME,
         state,

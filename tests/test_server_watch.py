@@ -35,6 +35,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import errors
 from server.temporal.watching import OrderWatchers, Subscription
+from tests.support.orders import pending_state
 from workflows import models
 from workflows.money import Money
 from workflows.rules import is_settled
@@ -49,17 +50,7 @@ TASK = [
 
 
 def new_state(order_id: str) -> models.OrderState:
-    return models.OrderState(
-        order_id=order_id,
-        customer_id="CUST-1",
-        customer_email="",
-        items=[models.OrderItem("P", "Pen", 1, Money("USD", 1))],
-        shipping=models.ShippingAddress("1 Main St", "Springfield", "12345", "USA"),
-        status=models.OrderStatus.PENDING,
-        total_amount=Money("USD", 1),
-        created_at=NOW,
-        updated_at=NOW,
-    )
+    return pending_state(order_id, "CUST-1", NOW)
 
 
 _run_ids = (f"run-{n}" for n in itertools.count(1))

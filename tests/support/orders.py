@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from datetime import datetime
 
 from google.type.money_pb2 import Money
 from temporalio.api.failure.v1 import Failure
@@ -11,6 +12,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import FailureError
 
 from acme.orders.v1 import order_service_pb2 as pb
+from workflows import models
+from workflows import money as domain_money
 
 
 def money(units: int, nanos: int = 0, currency: str = "USD") -> Money:
@@ -19,6 +22,22 @@ def money(units: int, nanos: int = 0, currency: str = "USD") -> Money:
 
 # The seed's example order: one laptop at 999.99.
 LAPTOP_PRICE = money(999, 990_000_000)
+
+
+def pending_state(order_id: str, customer_id: str, at: datetime) -> models.OrderState:
+    """A just-created order of one pen for 1 USD, as the workflow would hold it."""
+    price = domain_money.Money("USD", 1)
+    return models.OrderState(
+        order_id=order_id,
+        customer_id=customer_id,
+        customer_email="",
+        items=[models.OrderItem("P", "Pen", 1, price)],
+        shipping=models.ShippingAddress("1 Main St", "Springfield", "12345", "USA"),
+        status=models.OrderStatus.PENDING,
+        total_amount=price,
+        created_at=at,
+        updated_at=at,
+    )
 
 
 def create_request(**overrides: object) -> pb.CreateOrderRequest:
