@@ -37,7 +37,7 @@ from typing import Self
 
 from pydantic import PrivateAttr, SecretStr, model_validator
 
-from infra.settings import ExistingFile, Options, secret_value, setting
+from infra.settings import ExistingFile, Options, load_file, secret_value, setting
 
 KEY_BYTES = 32
 # Page-token keys `rotate` keeps: the new one and the one before, so tokens handed out
@@ -214,10 +214,9 @@ class KeySettings(Options):
                 "(ORDER_PAYLOAD_KEYS, ORDER_CUSTOMER_ID_KEY, ORDER_PAGE_TOKEN_KEYS), not both"
             )
         if self.keys_file is not None:
-            try:
-                self._keys = Keys.from_toml(self.keys_file.read_text())
-            except (OSError, ValueError) as err:
-                raise ValueError(f"keys file {self.keys_file}: {err}") from None
+            self._keys = load_file(
+                self.keys_file, Keys.from_toml, lambda problem: ValueError(f"keys file: {problem}")
+            )
         elif from_variables:
             payload, customer = secret_value(self.payload_keys), secret_value(self.customer_id_key)
             if not payload or not customer:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_T = TypeVar("_T")
 
 # One or more <integer><unit> parts, as in Go's time.ParseDuration: "24h", "1h30m", "500ms".
 _DURATION_PART = re.compile(r"(\d+)(ms|d|h|m|s)")
@@ -91,6 +93,19 @@ def _existing_file(path: Path) -> Path:
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
     return path
+
+
+def load_file(path: Path, parse: Callable[[str], _T], error: Callable[[str], Exception]) -> _T:
+    """`parse` of a file a setting names; `error` (a message naming the file and the
+    problem) when the file cannot be read or `parse` raises ValueError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise error(f"{path}: {err}") from None
 
 
 def _comma_list(value: object) -> object:

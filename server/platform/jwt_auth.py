@@ -17,7 +17,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import PrivateAttr, model_validator
 
-from infra.settings import ExistingFile, Options, Text, setting
+from infra.settings import ExistingFile, Options, Text, load_file, setting
 from server.api import validation
 from workflows import search_attributes
 
@@ -97,14 +97,7 @@ def parse_jwks(text: str) -> dict[str, jwt.PyJWK]:
 
 def load_jwks(path: Path) -> dict[str, jwt.PyJWK]:
     """The keys of a JWKS file by kid; JwksError names the file and the problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise JwksError(f"cannot read {path}: {err}") from None
-    try:
-        return parse_jwks(text)
-    except JwksError as err:
-        raise JwksError(f"{path}: {err}") from None
+    return load_file(path, parse_jwks, JwksError)
 
 
 class JwtSettings(Options):

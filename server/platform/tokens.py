@@ -19,7 +19,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from acme.orders.v1 import order_service_pb2 as pb
-from infra.settings import ExistingFile
+from infra.settings import ExistingFile, load_file
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["OrderService"]
 # "GetOrder" -> "/acme.orders.v1.OrderService/GetOrder", the name gRPC routes by.
@@ -221,14 +221,7 @@ def parse(text: str) -> TokenStore:
 
 def load(path: Path) -> TokenStore:
     """The token store from a tokens file; TokenFileError names the file and the problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise TokenFileError(f"cannot read {path}: {err}") from None
-    try:
-        return parse(text)
-    except ValueError as err:
-        raise TokenFileError(f"{path}: {err}") from None
+    return load_file(path, parse, TokenFileError)
 
 
 def _loadable(path: Path) -> Path:
