@@ -289,6 +289,31 @@ async def test_email_is_written_to_the_outbox(
     assert [p.name for p in path.parent.iterdir()] == ["order_received.eml"]
 
 
+async def test_an_email_write_killed_half_way_leaves_the_orders_folder_whole(
+    acts: OrderActivities, env: ActivityEnvironment, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker SIGKILLed between writing and renaming cleans nothing up; what it leaves
+    stays out of the order's folder, which the retry fills with the email alone."""
+    note = notification(NotificationKind.ORDER_RECEIVED)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", killed)
+        patched.setattr(os, "unlink", lambda *_: None)  # a killed process runs no cleanup
+        with pytest.raises(Killed):
+            await env.run(acts.send_notification, note)
+    assert len(list((outbox / ".tmp").iterdir())) == 1
+    assert not (outbox / "ORD-1").exists() or not any((outbox / "ORD-1").iterdir())
+
+    await env.run(acts.send_notification, note)
+    assert [p.name for p in (outbox / "ORD-1").iterdir()] == ["order_received.eml"]
+
+
 async def test_retried_email_is_written_once(
     acts: OrderActivities, env: ActivityEnvironment, outbox: Path
 ) -> None:

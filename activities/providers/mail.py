@@ -172,7 +172,11 @@ class MailService:
 
 
 class OutboxMailer:
-    """Files each message as `<outbox_dir>/<order_id>/<kind>.eml` instead of sending it."""
+    """Files each message as `<outbox_dir>/<order_id>/<kind>.eml` instead of sending it.
+
+    Each is written in `<outbox_dir>/.tmp/` first, as Maildir does, so an order's folder
+    only ever holds whole emails, even when a worker is killed in the middle of one.
+    """
 
     def __init__(self, outbox_dir: Path) -> None:
         self.outbox_dir = outbox_dir
@@ -190,7 +194,9 @@ class OutboxMailer:
     async def send(self, message: EmailMessage, notification: Notification) -> None:
         # CRLF line endings, as RFC 5322 has them on the wire.
         data = message.as_bytes(policy=email.policy.SMTP)
-        await asyncio.to_thread(write_once_atomically, self.path_for(notification), data)
+        await asyncio.to_thread(
+            write_once_atomically, self.path_for(notification), data, self.outbox_dir / ".tmp"
+        )
 
 
 class SmtpMailer:
@@ -304,16 +310,19 @@ def safe_path_component(name: str) -> str:
     return f"{cleaned}-{digest}"
 
 
-def write_once_atomically(path: Path, data: bytes) -> None:
-    """Writes `path` unless it exists, through a temporary file, so readers never see half a file.
+def write_once_atomically(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Writes `path` unless it exists, through a temporary file in `tmp_dir` (on the same
+    file system), so readers never see half a file.
 
     A retried send finds the file there and leaves it alone; two racing sends
-    write the same bytes, and the rename makes either one win whole.
+    write the same bytes, and the rename makes either one win whole. A process killed
+    mid-write leaves its temporary file in `tmp_dir`, never beside `path`.
     """
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp:
             # mkstemp makes the file private (0600); an outbox is meant to be read.
