@@ -26,8 +26,8 @@ import secrets
 import sys
 import threading
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -37,9 +37,6 @@ import pytest
 import pytest_asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from temporalio.runtime import (
     BUFFERED_METRIC_KIND_COUNTER,
@@ -52,13 +49,12 @@ from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from infra import logs, tracing
 from server.api import errors
 from server.platform.metrics import GrpcServerMetrics
-from server.platform.request_path import RequestPath
-from server.platform.tracing import ServerSpans
 from tests.support.cluster import Cluster, Process, ServerProcess, Simulation, open_cluster
 from tests.support.env import clean_environ, free_port
 from tests.support.keys import key_variables
 from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
+from tests.support.spans import in_memory_tracer, traced_server
 
 SERVICE = "acme.orders.v1.OrderService"
 # Orders go through in about a second: no simulated provider waits.
@@ -371,18 +367,6 @@ async def test_the_temporal_client_metrics_are_beside_the_grpc_metrics(traced: T
 # --- In-process: the server span, the log fields, the settings --------------------------
 
 
-@contextmanager
-def in_memory_tracer() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    """A provider of the test's own: the global one stays unset, as with tracing off."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        yield provider, exporter
-    finally:
-        provider.shutdown()
-
-
 async def _refuse(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     order_id = request.decode()
     if order_id == "bug":
@@ -404,26 +388,17 @@ async def test_the_server_span_has_the_rpcs_status_and_the_callers_parent(
     # Behind the request path, which answers with abort_with_status: the status that
     # opentelemetry-instrumentation-grpc's interceptor missed.
     with in_memory_tracer() as (provider, exporter):
-        spans = ServerSpans(provider.get_tracer("test"), traced_services=["test.Orders"])
-        server = grpc.aio.server(
-            interceptors=[spans, RequestPath(None, logged_services=["test.Orders"])]
-        )
         method = grpc.unary_unary_rpc_method_handler(
             _refuse, request_deserializer=bytes, response_serializer=bytes
         )
-        server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler("test.Orders", {"Get": method})]
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         trace_id, caller_span, metadata = traceparent()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.unary_unary("/test.Orders/Get", bytes, bytes)
-                with pytest.raises(grpc.aio.AioRpcError) as raised:
-                    await call(order_id.encode(), metadata=metadata)
-        finally:
-            await server.stop(None)
+        async with (
+            traced_server(provider, "Get", method) as target,
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            call = channel.unary_unary("/test.Orders/Get", bytes, bytes)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call(order_id.encode(), metadata=metadata)
         assert raised.value.code() == code
         (span,) = exporter.get_finished_spans()
     assert span.name == "test.Orders/Get"

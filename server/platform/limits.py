@@ -271,7 +271,7 @@ class Limits(HandlerWrapper):
                         if readers is None:
                             yield response
                             continue
-                        # grpc sends it while this generator waits at the yield.
+                        # The request path writes it while this generator waits at the yield.
                         ticket = readers.waiting(context.peer(), message_size(response))
                         try:
                             yield response

@@ -10,7 +10,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -156,12 +156,21 @@ class RequestPath(HandlerWrapper):
 
         if inspect.isasyncgenfunction(behavior):
 
-            async def stream(request: Any, context: _Context) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: _Context) -> None:
+                # Written here, not yielded to grpc: a caller that goes away while a
+                # message is on its way cancels this coroutine, which closes the handlers'
+                # generators now. grpc leaves a generator it drives to the garbage
+                # collector, which closes it later in another context (decision 0013).
                 async with serving(method, request, context) as outcome:
                     outcome.messages = 0
-                    async for response in behavior(request, context):
-                        yield response
-                        outcome.messages += 1
+                    async with aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            try:
+                                await context.write(response)
+                            except grpc.aio.InternalError as gone:
+                                # The call ended under the write, as a cancel ends it.
+                                raise asyncio.CancelledError from gone
+                            outcome.messages += 1
 
             wrapped: Callable[..., Any] = stream
         elif inspect.iscoroutinefunction(behavior):
@@ -196,7 +205,7 @@ class RequestPath(HandlerWrapper):
                     yield outcome
                     code: grpc.StatusCode | None = context.code()
                     outcome.code = code or grpc.StatusCode.OK
-                except (asyncio.CancelledError, GeneratorExit):
+                except asyncio.CancelledError:
                     # The caller went away or its deadline passed; gRPC has answered already.
                     left = context.time_remaining()
                     outcome.code = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,24 +58,15 @@ class ServerSpans(HandlerWrapper):
         behavior = getattr(handler, attribute)
         span = self._span
 
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request: Any, context: _Context) -> AsyncIterator[Any]:
-                with span(full_name, service, method, context):
-                    async for response in behavior(request, context):
-                        yield response
-
-            wrapped: Callable[..., Any] = stream
-        elif inspect.iscoroutinefunction(behavior):
-
-            async def unary(request: Any, context: _Context) -> Any:
-                with span(full_name, service, method, context):
-                    return await behavior(request, context)
-
-            wrapped = unary
-        else:  # a synchronous handler: not ours to wrap
+        if not inspect.iscoroutinefunction(behavior):  # synchronous, or not behind a request path
             return handler
-        return handler_of_the_same_kind(handler, wrapped, handler.request_deserializer)
+
+        # Streams too: the request path, inside, has made them coroutines that write.
+        async def traced(request: Any, context: _Context) -> Any:
+            with span(full_name, service, method, context):
+                return await behavior(request, context)
+
+        return handler_of_the_same_kind(handler, traced, handler.request_deserializer)
 
     @contextmanager
     def _span(self, name: str, service: str, method: str, context: _Context) -> Iterator[None]:
@@ -95,7 +86,7 @@ class ServerSpans(HandlerWrapper):
             code: grpc.StatusCode | None = None
             try:
                 yield
-            except (asyncio.CancelledError, GeneratorExit):  # the caller went away, or its deadline
+            except asyncio.CancelledError:  # the caller went away, or its deadline
                 left = context.time_remaining()
                 late = left is not None and left <= 0
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
