@@ -22,7 +22,6 @@ import uuid
 import warnings
 import zipfile
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from server.platform.auth import Unauthenticated as ServerUnauthenticated
 from tests.support.env import ROOT, clean_environ, free_port, with_changes
 from tests.support.orders import create_request, payment_request
 from tests.support.proxy import Proxy
-from tests.support.stack import Stack, order_reaching
+from tests.support.stack import Stack, order_reaching, serving
 from workflows import models
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OrderService"]
@@ -147,12 +146,6 @@ async def fake() -> AsyncIterator[Fake]:
         await server.stop(None)
 
 
-@asynccontextmanager
-async def client_of(target: str, **kwargs: Any) -> AsyncIterator[OrderServiceClient]:
-    async with OrderServiceClient.connect(target, **kwargs) as client:
-        yield client
-
-
 def status_request(order_id: str = "ORD-1") -> pb.GetOrderStatusRequest:
     return pb.GetOrderStatusRequest(order_id=order_id)
 
@@ -203,7 +196,7 @@ def test_version_follows_the_api() -> None:
 
 async def test_unavailable_is_retried_until_it_works(fake: Fake) -> None:
     fake.orders.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         answer = await orders.get_order_status(status_request())
     assert answer.status == pb.ORDER_STATUS_PENDING
     assert len(fake.orders.calls_of("GetOrderStatus")) == 3
@@ -211,7 +204,7 @@ async def test_unavailable_is_retried_until_it_works(fake: Fake) -> None:
 
 async def test_without_the_service_config_nothing_is_retried(fake: Fake) -> None:
     fake.orders.failures = [grpc.StatusCode.UNAVAILABLE]
-    async with client_of(fake.target, service_config=None) as orders:
+    async with OrderServiceClient.connect(fake.target, service_config=None) as orders:
         with pytest.raises(errors.Unavailable):
             await orders.get_order_status(status_request())
     assert len(fake.orders.calls_of("GetOrderStatus")) == 1
@@ -220,7 +213,7 @@ async def test_without_the_service_config_nothing_is_retried(fake: Fake) -> None
 async def test_retries_stop_after_five_attempts_with_the_servers_retry_delay(fake: Fake) -> None:
     unavailable = server_errors.TemporalUnavailable(server_errors.UNREACHABLE_MESSAGE)
     fake.orders.failures = [unavailable] * 6
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         with pytest.raises(errors.Unavailable) as caught:
             await orders.get_order_status(status_request())
     assert len(fake.orders.calls_of("GetOrderStatus")) == 5
@@ -235,7 +228,7 @@ async def test_retries_stop_after_five_attempts_with_the_servers_retry_delay(fak
 )
 async def test_other_errors_are_not_retried(fake: Fake, code: grpc.StatusCode) -> None:
     fake.orders.failures = [code]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         with pytest.raises(errors.OrderServiceError) as caught:
             await orders.get_order_status(status_request())
     assert caught.value.code == code
@@ -249,7 +242,7 @@ async def test_unary_calls_get_the_default_deadline_and_watches_none(fake: Fake)
     config's timeout to the server, and may count it from a stale clock.
     """
     fake.orders.opens = [[order(DELIVERED)]]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         await orders.get_order_status(status_request())
         await orders.get_order_status(status_request(), timeout=2)
         await watched(orders)
@@ -265,7 +258,7 @@ async def test_create_order_without_request_id_gets_one_kept_across_retries(fake
     """So the retry reaches the order the first attempt created, not a second order."""
     fake.orders.failures = [grpc.StatusCode.UNAVAILABLE]
     request = create_request()
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         await orders.create_order(request)
         await orders.create_order(create_request(request_id="5f0c6f7e-1111-4222-8333-444455556666"))
     first, retried, own = (call.request for call in fake.orders.calls_of("CreateOrder"))
@@ -319,7 +312,7 @@ async def test_the_servers_errors_arrive_typed_with_their_details(fake: Fake) ->
         server_errors.InternalError(),
     ]
     caught: list[errors.OrderServiceError] = []
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         for _ in range(6):
             with pytest.raises(errors.OrderServiceError) as raised:
                 await orders.get_order_status(status_request())
@@ -360,7 +353,7 @@ async def test_the_servers_errors_arrive_typed_with_their_details(fake: Fake) ->
 
 async def test_an_error_without_details_still_gets_its_class(fake: Fake) -> None:
     fake.orders.failures = [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         with pytest.raises(errors.PermissionDenied) as denied:
             await orders.get_order_status(status_request())
         with pytest.raises(errors.OrderServiceError) as other:
@@ -383,14 +376,18 @@ async def test_from_rpc_error_reads_a_sync_error_too(fake: Fake) -> None:
 
 
 async def test_bearer_token_over_plain_text_on_loopback(fake: Fake) -> None:
-    async with client_of(fake.target, credentials=bearer_token("ord_secret")) as orders:
+    async with OrderServiceClient.connect(
+        fake.target, credentials=bearer_token("ord_secret")
+    ) as orders:
         await orders.get_order_status(status_request())
     assert fake.orders.calls[0].metadata["authorization"] == "Bearer ord_secret"
 
 
 async def test_jwt_credentials_ask_for_the_token_on_every_call(fake: Fake) -> None:
     issued = iter(["jwt-1", "jwt-2"])
-    async with client_of(fake.target, credentials=jwt_credentials(lambda: next(issued))) as orders:
+    async with OrderServiceClient.connect(
+        fake.target, credentials=jwt_credentials(lambda: next(issued))
+    ) as orders:
         await orders.get_order_status(status_request())
         await orders.get_order_status(status_request())
     assert [c.metadata["authorization"] for c in fake.orders.calls] == [
@@ -433,7 +430,7 @@ async def test_watch_order_resumes_a_dropped_stream_and_skips_the_repeat(fake: F
         [order(PAID, updated=1), order(PREPARING, updated=2), order(SHIPPED, updated=3)],
         [order(SHIPPED, updated=3), order(DELIVERED, updated=4)],
     ]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         statuses = await watched(orders)
     assert statuses == [PENDING, PAID, PREPARING, SHIPPED, DELIVERED]
     assert len(fake.orders.calls_of("WatchOrder")) == 3
@@ -456,7 +453,7 @@ async def test_watch_order_ends_when_a_new_stream_brings_nothing_new(fake: Fake)
 
 async def test_watch_order_raises_what_resuming_cannot_fix(fake: Fake) -> None:
     fake.orders.opens = [[server_errors.OrderNotFound("ORD-1")]]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         with pytest.raises(errors.NotFound):
             await watched(orders)
     assert len(fake.orders.calls_of("WatchOrder")) == 1
@@ -471,7 +468,7 @@ async def test_watch_order_gives_up_after_max_attempts_in_a_row(fake: Fake) -> N
         async for state in orders.watch_order("ORD-1", initial_backoff=0.01, max_attempts=3):
             statuses.append(state.status)
 
-    async with client_of(fake.target, service_config=None) as orders:
+    async with OrderServiceClient.connect(fake.target, service_config=None) as orders:
         with pytest.raises(errors.Unavailable):
             await follow(orders)
     assert statuses == [PENDING]
@@ -480,7 +477,9 @@ async def test_watch_order_gives_up_after_max_attempts_in_a_row(fake: Fake) -> N
 
 
 async def test_watch_order_gives_up_after_max_attempts_without_a_server() -> None:
-    async with client_of(f"127.0.0.1:{free_port()}", service_config=None) as orders:
+    async with OrderServiceClient.connect(
+        f"127.0.0.1:{free_port()}", service_config=None
+    ) as orders:
         started = time.monotonic()
         with pytest.raises(errors.Unavailable):
             await watched(orders, max_attempts=3)
@@ -489,7 +488,7 @@ async def test_watch_order_gives_up_after_max_attempts_without_a_server() -> Non
 
 async def test_leaving_watch_order_early_cancels_its_stream(fake: Fake) -> None:
     fake.orders.opens = [[order(PENDING), order(PAID, updated=1)]]
-    async with client_of(fake.target) as orders:
+    async with OrderServiceClient.connect(fake.target) as orders:
         states = orders.watch_order("ORD-1")
         first = await anext(states)
         await states.aclose()  # type: ignore[attr-defined]
@@ -532,30 +531,27 @@ async def secured(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Asy
     tokens_file.write_text(
         "\n".join(tokens_cli.entry_toml(r, t, role=r) for r, t in by_role.items())
     )
-    settings = with_changes(
-        stack.server.settings,
-        port=0,
-        tls_cert=directory / "server.pem",
-        tls_key=directory / "server.key",
-        tls_client_ca=directory / "ca.pem",
-        auth_tokens_file=tokens_file,
-    )
-    server = await start_server(settings, stack.client)
     tls = Tls.from_files(
         ca=directory / "ca.pem",
         cert=directory / "client.pem",
         key=directory / "client.key",
         server_name=SERVER_NAME,
     )
-    try:
+    async with serving(
+        stack,
+        tls_cert=directory / "server.pem",
+        tls_key=directory / "server.key",
+        tls_client_ca=directory / "ca.pem",
+        auth_tokens_file=tokens_file,
+    ) as server:
         yield Secured(server, tls, by_role)
-    finally:
-        await server.stop(grace=0.5)
 
 
 async def test_mutual_tls_and_a_bearer_token_reach_the_real_server(secured: Secured) -> None:
     token = bearer_token(secured.by_role["storefront"])
-    async with client_of(secured.target, tls=secured.tls, credentials=token) as orders:
+    async with OrderServiceClient.connect(
+        secured.target, tls=secured.tls, credentials=token
+    ) as orders:
         created = await orders.create_order(create_request())
         status = await orders.get_order_status(status_request(created.order_id))
         assert status.order_id == created.order_id
@@ -566,17 +562,21 @@ async def test_mutual_tls_and_a_bearer_token_reach_the_real_server(secured: Secu
 
 
 async def test_the_real_server_says_why_a_caller_is_refused(secured: Secured) -> None:
-    async with client_of(secured.target, tls=secured.tls) as orders:
+    async with OrderServiceClient.connect(secured.target, tls=secured.tls) as orders:
         with pytest.raises(errors.Unauthenticated) as missing:
             await orders.get_order_status(status_request())
     assert missing.value.reason == "CREDENTIALS_MISSING"
     unknown_token = jwt_credentials(lambda: "ord_not-a-known-token")
-    async with client_of(secured.target, tls=secured.tls, credentials=unknown_token) as orders:
+    async with OrderServiceClient.connect(
+        secured.target, tls=secured.tls, credentials=unknown_token
+    ) as orders:
         with pytest.raises(errors.Unauthenticated) as unknown:
             await orders.get_order_status(status_request())
     assert unknown.value.reason == "ACCESS_TOKEN_INVALID"
     no_client_cert = Tls(root_certificates=secured.tls.root_certificates, server_name=SERVER_NAME)
-    async with client_of(secured.target, tls=no_client_cert, service_config=None) as orders:
+    async with OrderServiceClient.connect(
+        secured.target, tls=no_client_cert, service_config=None
+    ) as orders:
         with pytest.raises(errors.Unavailable):  # the handshake fails: mutual TLS
             await orders.get_order_status(status_request(), timeout=5)
 
@@ -611,7 +611,7 @@ async def _paid_and_delivered_meanwhile(stack: Stack, order_id: str) -> None:
 async def test_watch_order_resumes_after_its_connection_is_cut(stack: Stack) -> None:
     """A proxy between client and server drops every connection (no status, no goodbye);
     the order is paid and delivered while the watch is cut off; it comes back on DELIVERED."""
-    async with Proxy(stack.target) as proxy, client_of(proxy.address) as orders:
+    async with Proxy(stack.target) as proxy, OrderServiceClient.connect(proxy.address) as orders:
         created = await orders.create_order(create_request())
         task, states, _ = await _watch_in_background(orders, created.order_id)
         await proxy.close()  # every connection reset, and nothing listens any more
@@ -630,7 +630,7 @@ async def test_watch_order_resumes_after_the_server_is_stopped_and_started(stack
     server = await start_server(settings, stack.client)
     restarted: OrderServer | None = None
     try:
-        async with client_of(f"127.0.0.1:{settings.port}") as orders:
+        async with OrderServiceClient.connect(f"127.0.0.1:{settings.port}") as orders:
             created = await orders.create_order(create_request())
             task, states, _ = await _watch_in_background(orders, created.order_id)
             await server.stop(grace=1.0)
@@ -651,8 +651,9 @@ async def test_watch_order_resumes_after_the_server_is_stopped_and_started(stack
 GENERATED = ROOT / "generated"
 
 
-def _oldest_python() -> str:
-    """An interpreter of the oldest Python the package claims, else this one (with a warning)."""
+def _oldest_python() -> tuple[str, str]:
+    """An interpreter of the oldest Python the package claims, else this one (with a
+    warning), and its version ("3.10")."""
     claimed = tomllib.loads((GENERATED / "pyproject.toml").read_text())["project"]
     oldest = claimed["requires-python"].removeprefix(">=").strip()
     name = f"python{oldest}"
@@ -666,9 +667,16 @@ def _oldest_python() -> str:
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if probe.returncode == 0 and probe.stdout.strip() == oldest:
-            return str(candidate)
+            return str(candidate), oldest
     warnings.warn(f"no Python {oldest} here: the wheel is tried on {sys.version}", stacklevel=1)
-    return sys.executable
+    return sys.executable, f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _outside_this_checkout(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the venv's processes: nothing from this checkout on their path."""
+    env = clean_environ(extra)
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 @dataclass(frozen=True)
@@ -690,20 +698,17 @@ def _run(command: Sequence[str], cwd: Path, env: dict[str, str], timeout: float 
 def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """`make dist` into a temporary folder, and its wheel pip-installed into a fresh venv."""
     tmp = tmp_path_factory.mktemp("client-wheel")
-    env = clean_environ({"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-    env.pop("PYTHONPATH", None)
+    env = _outside_this_checkout({"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     # -o install: the venv this test runs in is installed already; not `uv sync` under it.
     _run(["make", "-s", "-o", "install", "dist", f"DIST_DIR={tmp / 'dist'}"], ROOT, env)
     [wheel] = (tmp / "dist").glob("acme_orders_api-*-py3-none-any.whl")
     assert list((tmp / "dist").glob("acme_orders_api-*.tar.gz")), "make dist makes an sdist too"
     venv = tmp / "venv"
-    _run([_oldest_python(), "-m", "venv", str(venv)], tmp, env)
+    interpreter, version = _oldest_python()
+    _run([interpreter, "-m", "venv", str(venv)], tmp, env)
     python = venv / "bin" / "python"
     _run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], tmp, env)
-    version = _run(
-        [str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], tmp, env
-    )
-    return Installed(wheel, python, version.strip())
+    return Installed(wheel, python, version)
 
 
 def test_the_wheel_holds_the_api_and_the_client_typed(installed_wheel: Installed) -> None:
@@ -777,8 +782,7 @@ async def test_the_installed_wheel_runs_the_happy_path(
     installed_wheel: Installed, stack: Stack
 ) -> None:
     venv = installed_wheel.python.parent.parent
-    env = clean_environ()
-    env.pop("PYTHONPATH", None)
+    env = _outside_this_checkout()
     done = await asyncio.to_thread(
         subprocess.run,
         [str(installed_wheel.python), "-c", _HAPPY_PATH, stack.target],

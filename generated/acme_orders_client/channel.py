@@ -48,11 +48,15 @@ UNARY_METHODS = (
 )
 STREAMING_METHODS = ("WatchOrder",)
 
+# The channel's retries back off so, and so does watch_order's reopening of a stream.
+INITIAL_BACKOFF_SECONDS = 0.2
+MAX_BACKOFF_SECONDS = 5.0
+BACKOFF_MULTIPLIER = 2
 RETRY_POLICY: dict[str, Any] = {
     "maxAttempts": 5,
-    "initialBackoff": "0.2s",
-    "maxBackoff": "5s",
-    "backoffMultiplier": 2,
+    "initialBackoff": f"{INITIAL_BACKOFF_SECONDS:g}s",
+    "maxBackoff": f"{MAX_BACKOFF_SECONDS:g}s",
+    "backoffMultiplier": BACKOFF_MULTIPLIER,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 # The deadline of each unary call. OrderServiceClient also passes it with every
@@ -144,15 +148,9 @@ def _channel_credentials(
     return channel
 
 
-_CREATE_ORDER = f"/{SERVICE}/CreateOrder"
-
-
-def _with_request_id(method: str | bytes, request: Any) -> Any:
+def _with_request_id(request: Any) -> Any:
     """A CreateOrder request with a request_id (a fresh UUID if it had none): retries are safe."""
-    name = method.decode() if isinstance(method, bytes) else method
-    if name != _CREATE_ORDER or not isinstance(request, pb.CreateOrderRequest):
-        return request
-    if request.request_id:
+    if not isinstance(request, pb.CreateOrderRequest) or request.request_id:
         return request
     copy = pb.CreateOrderRequest()
     copy.CopyFrom(request)  # the caller's message stays as it was
@@ -175,9 +173,7 @@ class _RequestIdAio(_AioInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        return await continuation(
-            client_call_details, _with_request_id(client_call_details.method, request)
-        )
+        return await continuation(client_call_details, _with_request_id(request))
 
 
 class _RequestIdSync(_SyncInterceptor):
@@ -187,9 +183,7 @@ class _RequestIdSync(_SyncInterceptor):
         client_call_details: grpc.ClientCallDetails,
         request: Any,
     ) -> Any:
-        return continuation(
-            client_call_details, _with_request_id(client_call_details.method, request)
-        )
+        return continuation(client_call_details, _with_request_id(request))
 
 
 def connect(

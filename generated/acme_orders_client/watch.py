@@ -20,6 +20,11 @@ import grpc
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
+from acme_orders_client.channel import (
+    BACKOFF_MULTIPLIER,
+    INITIAL_BACKOFF_SECONDS,
+    MAX_BACKOFF_SECONDS,
+)
 from acme_orders_client.errors import OrderServiceError, from_rpc_error
 
 if TYPE_CHECKING:
@@ -44,9 +49,9 @@ async def watch_order(
     source: OrderServiceClient | pb_grpc.OrderServiceAsyncStub | grpc.aio.Channel,
     order_id: str,
     *,
-    initial_backoff: float = 0.2,
-    max_backoff: float = 5.0,
-    multiplier: float = 2.0,
+    initial_backoff: float = INITIAL_BACKOFF_SECONDS,
+    max_backoff: float = MAX_BACKOFF_SECONDS,
+    multiplier: float = BACKOFF_MULTIPLIER,
     max_attempts: int | None = 20,
     stream_timeout: float | None = None,
     metadata: Sequence[tuple[str, str | bytes]] | None = None,
