@@ -2,7 +2,6 @@
 
 import functools
 import re
-import unicodedata
 from dataclasses import dataclass
 from email.errors import HeaderParseError
 from email.headerregistry import Address
@@ -172,22 +171,22 @@ BIDI_CONTROLS = frozenset(
     "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 )
 _BREAKS = frozenset("\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")
-
-
-def _unsafe_in_reason(char: str) -> bool:
-    return unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in BIDI_CONTROLS
+# Unicode's categories Cc (fixed by its stability policy), Zl and Zp, as the ranges of a
+# character class: a regex finds them in a field in 0.5 µs, where a unicodedata.category
+# call per character took about 10. The request validation checks its fields with it too.
+CONTROL_CHARS = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_UNSAFE_IN_REASON = re.compile(f"[{CONTROL_CHARS}{''.join(sorted(BIDI_CONTROLS))}]")
 
 
 def is_safe_reason(reason: str) -> bool:
     """Whether a cancellation reason holds none of those characters (CancelOrder's check)."""
-    return not any(_unsafe_in_reason(char) for char in reason)
+    return _UNSAFE_IN_REASON.search(reason) is None
 
 
 def safe_reason(reason: str) -> str:
     """The reason with each such character replaced: a break by a space, any other by
     U+FFFD. For a reason that reached the order without the server's check (a signal
     sent straight to Temporal, an order from before the check)."""
-    return "".join(
-        (" " if char in _BREAKS else "\ufffd") if _unsafe_in_reason(char) else char
-        for char in reason
+    return _UNSAFE_IN_REASON.sub(
+        lambda found: " " if found.group() in _BREAKS else "\ufffd", reason
     )
