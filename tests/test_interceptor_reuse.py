@@ -14,7 +14,6 @@ import pytest
 from grpc_health.v1 import health as grpc_health
 
 from server.platform import limits
-from server.platform.audit import AuditTrail
 from server.platform.request_path import RequestPath
 from server.platform.settings import ServerSettings
 
@@ -33,7 +32,6 @@ class _Details:
 
 def _interceptors() -> list[Any]:
     return [
-        AuditTrail(),
         RequestPath(None, logged_services=["acme.orders.v1.OrderService"]),
         limits.Limits(ServerSettings(), open_services=[grpc_health.SERVICE_NAME]),
     ]
@@ -47,7 +45,7 @@ async def _intercept(interceptor: Any, handler: Any) -> Any:
     return await call(continuation, _Details(CREATE))
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["audit", "request path", "limits"])
+@pytest.mark.parametrize("index", [0, 1], ids=["request path", "limits"])
 async def test_the_same_handler_is_wrapped_once(index: int) -> None:
     interceptor = _interceptors()[index]
     handler = grpc.unary_unary_rpc_method_handler(_behavior)
@@ -56,7 +54,7 @@ async def test_the_same_handler_is_wrapped_once(index: int) -> None:
     assert await _intercept(interceptor, handler) is first
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["audit", "request path", "limits"])
+@pytest.mark.parametrize("index", [0, 1], ids=["request path", "limits"])
 async def test_another_handler_for_the_method_is_wrapped_anew(index: int) -> None:
     """A handler another interceptor made for this call (a refusal) is never given the
     wrapper of the one before."""

@@ -20,8 +20,7 @@ from infra import temporal_client
 from infra import tracing as otel
 from infra.settings import format_duration
 from server.api.servicer import SERVICE_NAME, OrderService
-from server.platform import limits, reflection, tls, tokens
-from server.platform.audit import AuditTrail
+from server.platform import audit, limits, reflection, tls, tokens
 from server.platform.auth import BearerTokenAuth
 from server.platform.health import TemporalHealthProber
 from server.platform.jwt_auth import JwtVerifier
@@ -129,12 +128,14 @@ def _interceptors(
     tracing: otel.Tracing | None,
 ) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
     """Every RPC's path, outermost first: its span, so every line it logs carries the
-    span's ids; the audit trail and the request path, so they see what the others refuse;
-    the token check; the limits, which know the caller the token check bound."""
+    span's ids; the request path (with the writes' audit lines), so it sees what the
+    others refuse; the token check; the limits, which know the caller the token check bound."""
     interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
     if tracing is not None:
         interceptors.append(ServerSpans(tracing.tracer(__name__), traced_services=[SERVICE_NAME]))
-    interceptors += [AuditTrail(), RequestPath(metrics, logged_services=[SERVICE_NAME])]
+    interceptors.append(
+        RequestPath(metrics, logged_services=[SERVICE_NAME], audited_methods=audit.AUDITED_METHODS)
+    )
     open_services = _open_services(settings)
     verifier = JwtVerifier.from_settings(settings)
     if settings.auth_tokens_file is not None or verifier is not None:

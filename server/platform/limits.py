@@ -24,7 +24,7 @@ from pydantic_settings import NoDecode
 
 from infra.settings import Duration, Options, setting
 from server.api import access, errors
-from server.platform.request_path import HandlerWrapper, handler_of_the_same_kind
+from server.platform.request_path import HandlerWrapper, behavior_of, handler_of_the_same_kind
 from server.platform.slow_readers import SlowReaders, TimedWrites, message_size
 from server.platform.tokens import ORDER_METHODS, ROLES
 
@@ -254,11 +254,7 @@ class Limits(HandlerWrapper):
             calls = self._open_streams if streaming else self._open_unary
         else:
             calls = self._service
-        attribute = (
-            ("stream_" if handler.request_streaming else "unary_")
-            + ("stream" if handler.response_streaming else "unary")
-        )  # fmt: skip
-        behavior = getattr(handler, attribute)
+        behavior = behavior_of(handler)
         admitted = self._admitted
         readers = self._readers
         listing = method == LIST_ORDERS

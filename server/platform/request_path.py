@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 
 from infra import logs
 from server.api import errors
+from server.platform import audit
 from server.platform.metrics import GrpcServerMetrics
 from workflows import models
 
@@ -38,6 +39,18 @@ _LOG_LEVELS = {
 }
 # time.monotonic() by which the caller of the RPC being served stops listening.
 _deadline: ContextVar[float | None] = ContextVar("rpc_deadline", default=None)
+
+
+def outcome_code(context: _Context, error: BaseException | None = None) -> grpc.StatusCode:
+    """The status an RPC ended with, as its caller saw it: DEADLINE_EXCEEDED or CANCELLED
+    if the caller left first (`error` a CancelledError), else the code the call set, or OK
+    (UNKNOWN after an error that set none)."""
+    if isinstance(error, asyncio.CancelledError):
+        left = context.time_remaining()
+        late = left is not None and left <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+    code: grpc.StatusCode | None = context.code()
+    return code or (grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN)
 
 
 def time_remaining() -> float | None:
@@ -70,6 +83,14 @@ _KINDS: dict[tuple[bool, bool], tuple[str, str, Callable[..., Any]]] = {
 }
 
 
+def behavior_of(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[..., Any]:
+    """The handler's behaviour: its unary_unary, unary_stream ... as it streams."""
+    behavior: Callable[..., Any] = getattr(
+        handler, _KINDS[handler.request_streaming, handler.response_streaming][1]
+    )
+    return behavior
+
+
 def handler_of_the_same_kind(
     handler: grpc.RpcMethodHandler[Any, Any],
     behavior: Callable[..., Any],
@@ -89,6 +110,7 @@ class _Method:
     service: str
     name: str
     logged: bool  # one line per RPC: the services of this server, not health or reflection
+    audited: bool  # and an audit line: the writes
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -136,19 +158,27 @@ class HandlerWrapper(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 class RequestPath(HandlerWrapper):
-    """Puts every RPC of every service through `_serving`; first among the interceptors,
-    so it sees what the others refuse too."""
+    """Puts every RPC of every service through `_serving`; outside the token check and
+    the limits, so it sees what they refuse too. `audited_methods` (full names) get an
+    audit line each (server/platform/audit.py)."""
 
-    def __init__(self, metrics: GrpcServerMetrics | None, *, logged_services: list[str]) -> None:
+    def __init__(
+        self,
+        metrics: GrpcServerMetrics | None,
+        *,
+        logged_services: list[str],
+        audited_methods: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__()
         self._metrics = metrics
         self._logged = frozenset(logged_services)
+        self._audited = audited_methods
 
     def wrap(self, method_name: str, handler: Any) -> Any:
         service, _, name = method_name.lstrip("/").rpartition("/")
-        kind, attribute, _ = _KINDS[handler.request_streaming, handler.response_streaming]
-        behavior = getattr(handler, attribute)
-        method = _Method(kind, service, name, service in self._logged)
+        kind = _KINDS[handler.request_streaming, handler.response_streaming][0]
+        behavior = behavior_of(handler)
+        method = _Method(kind, service, name, service in self._logged, method_name in self._audited)
         deserialize = handler.request_deserializer
         if deserialize is not None and not handler.request_streaming:
             deserialize = _tolerant(deserialize)
@@ -203,20 +233,11 @@ class RequestPath(HandlerWrapper):
                     if isinstance(request, _Undecodable):
                         raise errors.InvalidArgument([_MALFORMED])
                     yield outcome
-                    code: grpc.StatusCode | None = context.code()
-                    outcome.code = code or grpc.StatusCode.OK
-                except asyncio.CancelledError:
-                    # The caller went away or its deadline passed; gRPC has answered already.
-                    left = context.time_remaining()
-                    outcome.code = (
-                        grpc.StatusCode.DEADLINE_EXCEEDED
-                        if left is not None and left <= 0
-                        else grpc.StatusCode.CANCELLED
-                    )
-                    raise
-                except grpc.aio.AbortError:  # a handler that ended the call itself
-                    aborted: grpc.StatusCode | None = context.code()
-                    outcome.code = aborted or grpc.StatusCode.UNKNOWN
+                    outcome.code = outcome_code(context)
+                except (asyncio.CancelledError, grpc.aio.AbortError) as ended:
+                    # The caller went away or its deadline passed, or a handler ended the
+                    # call itself: gRPC has answered already.
+                    outcome.code = outcome_code(context, ended)
                     raise
                 except Exception as exc:
                     error = errors.translate(exc, order_id=order_id)
@@ -225,9 +246,11 @@ class RequestPath(HandlerWrapper):
                     await context.abort_with_status(error.to_grpc_status())  # type: ignore[attr-defined]
         finally:
             _deadline.reset(deadline)
-            self._record(method, outcome, time.perf_counter() - started)
+            self._record(method, outcome, time.perf_counter() - started, context)
 
-    def _record(self, method: _Method, outcome: _Outcome, seconds: float) -> None:
+    def _record(
+        self, method: _Method, outcome: _Outcome, seconds: float, context: _Context
+    ) -> None:
         if self._metrics is not None:
             self._metrics.handled_rpc(method.labels, outcome.code, seconds)
         if not method.logged:
@@ -246,3 +269,5 @@ class RequestPath(HandlerWrapper):
             args.append(outcome.messages)
         with logs.rpc_context(method.name, outcome.order_id):
             logger.log(level, line, *args)
+            if method.audited:
+                audit.record(method.name, outcome.order_id, outcome.code, context.peer())

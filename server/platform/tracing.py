@@ -17,7 +17,12 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from server.platform.request_path import HandlerWrapper, handler_of_the_same_kind
+from server.platform.request_path import (
+    HandlerWrapper,
+    behavior_of,
+    handler_of_the_same_kind,
+    outcome_code,
+)
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 # The codes OpenTelemetry's gRPC conventions count as the server's error; the
@@ -51,11 +56,7 @@ class ServerSpans(HandlerWrapper):
         service, _, method = full_name.rpartition("/")
         if service not in self._traced:
             return handler
-        attribute = "_".join(
-            "stream" if streaming else "unary"
-            for streaming in (handler.request_streaming, handler.response_streaming)
-        )
-        behavior = getattr(handler, attribute)
+        behavior = behavior_of(handler)
         span = self._span
 
         if not inspect.iscoroutinefunction(behavior):  # synchronous, or not behind a request path
@@ -83,21 +84,15 @@ class ServerSpans(HandlerWrapper):
             record_exception=False,
             set_status_on_exception=False,
         ) as current:
-            code: grpc.StatusCode | None = None
+            code = grpc.StatusCode.UNKNOWN
             try:
                 yield
-            except asyncio.CancelledError:  # the caller went away, or its deadline
-                left = context.time_remaining()
-                late = left is not None and left <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+                code = outcome_code(context)
+            # The caller left, an abort (the request path's errors) or a bug.
+            except (asyncio.CancelledError, Exception) as ended:
+                code = outcome_code(context, ended)
                 raise
-            except Exception:  # an abort (the request path's errors) or a bug
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            else:
-                code = context.code() or grpc.StatusCode.OK
             finally:
-                code = code or grpc.StatusCode.UNKNOWN
                 current.set_attribute("rpc.grpc.status_code", code.value[0])
                 if code in SERVER_ERRORS:
                     current.set_status(Status(StatusCode.ERROR, code.name))
