@@ -136,10 +136,12 @@ class CodecService:
     def __init__(self, settings: CodecServerSettings) -> None:
         self.codec = EncryptionCodec(settings.keys)
         self.origins = settings.allowed_origins
-        self.tokens = (
-            None if settings.auth_tokens_file is None else tokens.load(settings.auth_tokens_file)
+        tokens_file = settings.auth_tokens_file
+        self._auth = (
+            None
+            if tokens_file is None
+            else BearerTokenAuth(tokens.load(tokens_file), open_services=[])
         )
-        self._auth = None if self.tokens is None else BearerTokenAuth(self.tokens, open_services=[])
 
     def caller(self, authorization: list[str]) -> str:
         """The caller's name ("-" without a tokens file); RequestError 401 or 403."""
@@ -217,10 +219,16 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_GET
 
     def _refuse_method(self) -> None:
+        allowed = {"Allow": "POST, OPTIONS"}
+        refusal = RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "POST to /decode or /encode", allowed)
+        self._send_error(refusal, cors={})
+
+    def _send_error(self, err: RequestError, cors: Mapping[str, str]) -> None:
+        body = json.dumps({"error": str(err)}).encode()
+        # The body may be unread: this connection cannot carry another request.
         self.close_connection = True
-        body = json.dumps({"error": "POST to /decode or /encode"}).encode()
-        headers = {"Allow": "POST, OPTIONS", "Content-Type": "application/json"}
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, body, {**headers, "Connection": "close"})
+        headers = {**cors, **err.headers, "Content-Type": "application/json"}
+        self._send(err.status, body, {**headers, "Connection": "close"})
 
     def do_OPTIONS(self) -> None:
         self._serve(preflight=True)
@@ -254,11 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = HTTPStatus.NO_CONTENT if preflight else HTTPStatus.OK
         except RequestError as err:
             status = err.status
-            body = json.dumps({"error": str(err)}).encode()
-            # The body may be unread: this connection cannot carry another request.
-            self.close_connection = True
-            headers = {**cors, **err.headers, "Content-Type": "application/json"}
-            self._send(status, body, {**headers, "Connection": "close"})
+            self._send_error(err, cors)
         logger.info(
             "%s %s %d payloads=%d namespace=%s caller=%s peer=%s %.1fms",
             self.command,
