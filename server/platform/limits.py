@@ -263,12 +263,13 @@ class Limits(HandlerWrapper):
 
             async def stream(request: Any, context: _Context) -> AsyncIterator[Any]:
                 with admitted(calls, is_open, listing):
+                    peer = context.peer() if readers is not None else ""
                     async for response in behavior(request, context):
                         if readers is None:
                             yield response
                             continue
                         # The request path writes it while this generator waits at the yield.
-                        ticket = readers.waiting(context.peer(), message_size(response))
+                        ticket = readers.waiting(peer, message_size(response))
                         try:
                             yield response
                         finally:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import socket
@@ -53,11 +54,20 @@ def _plain_ip(ip: str) -> str:
     return ip.removeprefix("::ffff:")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # Looked up once: find_library runs `ldconfig -p` in a subprocess on Linux.
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    return None
+
+
 def _release_freed_memory() -> None:
     """Gives freed heap back to the OS (glibc); elsewhere nothing, the memory is reused."""
-    name = ctypes.util.find_library("c")
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
+    with contextlib.suppress(AttributeError):
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 def close_connection(peer: str, local_ports: Iterable[int]) -> bool:
@@ -184,12 +194,13 @@ class TimedWrites:
     def __init__(self, context: _Context, readers: SlowReaders) -> None:
         self._context = context
         self._readers = readers
+        self._peer = context.peer()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
     async def write(self, message: Any) -> None:
-        ticket = self._readers.waiting(self._context.peer(), message_size(message))
+        ticket = self._readers.waiting(self._peer, message_size(message))
         try:
             await self._context.write(message)
         finally:
