@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -107,6 +108,18 @@ def from_environment(
         provider.add_span_processor(BatchSpanProcessor(exporter))  # reads OTEL_BSP_*
     trace.set_tracer_provider(provider)
     return Tracing(provider, tuple(names))
+
+
+@asynccontextmanager
+async def installed(default_service_name: str) -> AsyncIterator[Tracing | None]:
+    """`from_environment`'s tracing while the block runs; shut down after it, so the
+    spans still batched are exported before the process exits."""
+    tracing = from_environment(default_service_name)
+    try:
+        yield tracing
+    finally:
+        if tracing is not None:
+            await tracing.shutdown()
 
 
 def current_ids() -> dict[str, str]:

@@ -107,57 +107,49 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
     Running activities get up to GRACEFUL_SHUTDOWN_TIMEOUT to finish. Raises
     if the worker fails fatally. Traces workflows and activities if OTEL_TRACES_EXPORTER asks.
     """
-    tracing = otel.from_environment(otel.WORKER_SERVICE_NAME)
-    try:
-        await _run_worker(settings, stop, tracing)
-    finally:
+    async with otel.installed(otel.WORKER_SERVICE_NAME) as tracing:
+        metrics_address = None
+        if settings.metrics_port is not None:
+            metrics_address = bind_address(settings.metrics_host, settings.metrics_port)
+        # The SDK's own metrics endpoint lives in the runtime the client is made with.
+        runtime = new_runtime(metrics_address=metrics_address)
+        if metrics_address is not None:
+            logger.info("Temporal SDK metrics at http://%s/metrics", metrics_address)
         if tracing is not None:
-            await tracing.shutdown()
-
-
-async def _run_worker(
-    settings: WorkerSettings, stop: asyncio.Event, tracing: otel.Tracing | None
-) -> None:
-    metrics_address = None
-    if settings.metrics_port is not None:
-        metrics_address = bind_address(settings.metrics_host, settings.metrics_port)
-    # The SDK's own metrics endpoint lives in the runtime the client is made with.
-    runtime = new_runtime(metrics_address=metrics_address)
-    if metrics_address is not None:
-        logger.info("Temporal SDK metrics at http://%s/metrics", metrics_address)
-    if tracing is not None:
-        logger.info("Tracing: %s", tracing.describe())
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        connecting = asyncio.create_task(
-            connect_with_retry(
-                settings,
-                keys=settings.keys,
-                runtime=runtime,
-                interceptors=tracing.temporal_interceptors() if tracing is not None else (),
+            logger.info("Tracing: %s", tracing.describe())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            connecting = asyncio.create_task(
+                connect_with_retry(
+                    settings,
+                    keys=settings.keys,
+                    runtime=runtime,
+                    interceptors=tracing.temporal_interceptors() if tracing is not None else (),
+                )
             )
-        )
-        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not connecting.done():
-            connecting.cancel()
-            logger.info("Stopped before connecting to Temporal")
-            return
-        activities = OrderActivities(settings)
-        worker = build_worker(connecting.result(), settings.task_queue, activities, tuning=settings)
-        running = asyncio.create_task(worker.run())
-        logger.info(
-            "Worker polling task queue %r at Temporal %s",
-            settings.task_queue,
-            settings.describe_temporal(),
-        )
-        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-    if not running.done():
-        logger.info(
-            "Shutting down: running activities get up to %.0f s to finish",
-            GRACEFUL_SHUTDOWN_TIMEOUT.total_seconds(),
-        )
-        await worker.shutdown()
-    await running  # re-raises a fatal worker error
-    logger.info("Worker stopped")
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                connecting.cancel()
+                logger.info("Stopped before connecting to Temporal")
+                return
+            activities = OrderActivities(settings)
+            worker = build_worker(
+                connecting.result(), settings.task_queue, activities, tuning=settings
+            )
+            running = asyncio.create_task(worker.run())
+            logger.info(
+                "Worker polling task queue %r at Temporal %s",
+                settings.task_queue,
+                settings.describe_temporal(),
+            )
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not running.done():
+            logger.info(
+                "Shutting down: running activities get up to %.0f s to finish",
+                GRACEFUL_SHUTDOWN_TIMEOUT.total_seconds(),
+            )
+            await worker.shutdown()
+        await running  # re-raises a fatal worker error
+        logger.info("Worker stopped")

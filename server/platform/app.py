@@ -276,30 +276,28 @@ def _log_security(settings: ServerSettings) -> None:
 
 async def serve(settings: ServerSettings, stop: asyncio.Event) -> None:
     """Runs the server until `stop` is set, then shuts it down gracefully."""
-    tracing = otel.from_environment(otel.SERVER_SERVICE_NAME)
-    server = await start_server(settings, tracing=tracing)
-    logger.info(
-        "OrderService listening on %s (Temporal %s, task queue %s, "
-        "payment timeout %s, Temporal RPC timeout %s)",
-        _listen_address(settings.host, server.port),
-        settings.describe_temporal(),
-        settings.task_queue,
-        format_duration(settings.payment_timeout),
-        format_duration(settings.temporal_rpc_timeout),
-    )
-    _log_security(settings)
-    if tracing is not None:
-        logger.info("Tracing: %s", tracing.describe())
-    if server.metrics is not None:
+    async with otel.installed(otel.SERVER_SERVICE_NAME) as tracing:
+        server = await start_server(settings, tracing=tracing)
         logger.info(
-            "Metrics at http://%s/metrics",
-            _listen_address(server.metrics.host, server.metrics.port),
+            "OrderService listening on %s (Temporal %s, task queue %s, "
+            "payment timeout %s, Temporal RPC timeout %s)",
+            _listen_address(settings.host, server.port),
+            settings.describe_temporal(),
+            settings.task_queue,
+            format_duration(settings.payment_timeout),
+            format_duration(settings.temporal_rpc_timeout),
         )
-    try:
-        await stop.wait()
-        logger.info("Shutting down (grace %ss)", SHUTDOWN_GRACE_SECONDS)
-    finally:
-        await server.stop(SHUTDOWN_GRACE_SECONDS)
+        _log_security(settings)
         if tracing is not None:
-            await tracing.shutdown()
+            logger.info("Tracing: %s", tracing.describe())
+        if server.metrics is not None:
+            logger.info(
+                "Metrics at http://%s/metrics",
+                _listen_address(server.metrics.host, server.metrics.port),
+            )
+        try:
+            await stop.wait()
+            logger.info("Shutting down (grace %ss)", SHUTDOWN_GRACE_SECONDS)
+        finally:
+            await server.stop(SHUTDOWN_GRACE_SECONDS)
     logger.info("OrderService stopped")
