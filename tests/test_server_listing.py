@@ -379,7 +379,7 @@ def current_runs(orders: list[ListedOrder]) -> list[ListedOrder]:
 async def page_through(
     source: FakeSource, list_filter: ListFilter, page_size: int
 ) -> list[list[ListedOrder]]:
-    lister = OrderLister(cast(TemporalVisibility, source), tokens=TOKENS, now=lambda: NOW)
+    lister = OrderLister(cast(TemporalVisibility, source), now=lambda: NOW)
     pages = []
     token = None
     while True:
@@ -476,7 +476,7 @@ async def test_a_reset_order_is_listed_once_with_its_current_runs_status() -> No
             pages = await page_through(source, list_filter, page_size)
             listed = [o.workflow_id for page in pages for o in page]
             assert listed == workflow_ids, list_filter
-    lister = OrderLister(cast(TemporalVisibility, source), tokens=TOKENS, now=lambda: NOW)
+    lister = OrderLister(cast(TemporalVisibility, source), now=lambda: NOW)
     page = await lister.list_page(ListRequest(ListFilter(), 10), rpc_timeout=timedelta(seconds=1))
     assert page.orders == [pending, terminated]
 
@@ -499,7 +499,7 @@ async def test_a_dense_burst_is_read_in_narrower_windows() -> None:
     burst = [order(i, NOW - timedelta(minutes=10, microseconds=i * 50)) for i in range(100_000)]
     older = [order(200_000 + i, NOW - timedelta(days=i + 1)) for i in range(5)]
     source = FakeSource(burst + older)
-    lister = OrderLister(cast(TemporalVisibility, source), tokens=TOKENS, now=lambda: NOW)
+    lister = OrderLister(cast(TemporalVisibility, source), now=lambda: NOW)
     page = await lister.list_page(
         ListRequest(ListFilter(), 50, None), rpc_timeout=timedelta(seconds=1)
     )

@@ -24,7 +24,7 @@ _STATUS_TO_PROTO: dict[models.OrderStatus, pb.OrderStatus.ValueType] = {
     models.OrderStatus.CANCELLED: pb.ORDER_STATUS_CANCELLED,
 }
 _STATUS_FROM_PROTO = {value: key for key, value in _STATUS_TO_PROTO.items()}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def status_to_proto(status: models.OrderStatus | str) -> pb.OrderStatus.ValueType:
@@ -55,7 +55,7 @@ def timestamp_from_datetime(value: datetime) -> Timestamp:
         value = value.replace(tzinfo=UTC)
     # What Timestamp.FromDatetime computes, in a third of its time (an Order holds up to
     # a dozen timestamps, a ListOrders page one per order).
-    since = value - _EPOCH
+    since = value - EPOCH
     return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
 
 

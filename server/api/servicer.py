@@ -15,7 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server.api import access, convert, errors, validation
-from server.temporal.listing import OrderLister
+from server.temporal.listing import OrderLister, PageTokens
 from server.temporal.orders import OrderWorkflows, within_deadline
 from server.temporal.watching import OrderWatchers
 from workflows import models, rules
@@ -47,10 +47,13 @@ class OrderService(pb_grpc.OrderServiceServicer):
         lister: OrderLister,
         watchers: OrderWatchers,
         *,
+        page_tokens: PageTokens,
         payment_timeout_seconds: int,
     ) -> None:
         self._orders = orders
         self._lister = lister
+        # Sign the next-page tokens ListOrders hands out, and check those it gets back.
+        self._page_tokens = page_tokens
         self._watchers = watchers
         self._payment_timeout_seconds = payment_timeout_seconds
 
@@ -162,7 +165,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         own orders only: no customer_id means its own, another's is PERMISSION_DENIED.
         """
         list_request = validation.validate_list_orders(
-            access.scoped_list_request(request), self._lister.tokens
+            access.scoped_list_request(request), self._page_tokens
         )
         # One cap for the whole page, which may take several visibility calls.
         page = await within_deadline(
@@ -172,7 +175,7 @@ class OrderService(pb_grpc.OrderServiceServicer):
         return pb.ListOrdersResponse(
             orders=[order.to_proto() for order in page.orders],
             next_page_token=(
-                self._lister.tokens.encode(page.next_page_token) if page.next_page_token else ""
+                self._page_tokens.encode(page.next_page_token) if page.next_page_token else ""
             ),
         )
 

@@ -43,7 +43,6 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 # google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class _Violations:
@@ -311,7 +310,7 @@ def _check_timestamp(
         return None
     micros = -(-timestamp.nanos // 1000)
     try:
-        return _EPOCH + timedelta(seconds=timestamp.seconds, microseconds=micros)
+        return convert.EPOCH + timedelta(seconds=timestamp.seconds, microseconds=micros)
     except OverflowError:  # rounding up past 9999-12-31T23:59:59.999999
         return datetime.max.replace(tzinfo=UTC)
 

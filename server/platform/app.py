@@ -192,11 +192,9 @@ async def start_server(
     watchers = OrderWatchers(client, query_timeout=settings.temporal_rpc_timeout)
     service = OrderService(
         orders,
-        OrderLister(
-            TemporalVisibility(client, customer_id_key=customer_id_key),
-            tokens=PageTokens.for_keys(settings.keys.page_token_keys),
-        ),
+        OrderLister(TemporalVisibility(client, customer_id_key=customer_id_key)),
         watchers,
+        page_tokens=PageTokens.for_keys(settings.keys.page_token_keys),
         payment_timeout_seconds=settings.payment_timeout_seconds,
     )
     pb_grpc.add_OrderServiceServicer_to_server(service, server)

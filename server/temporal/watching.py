@@ -13,7 +13,6 @@ from temporalio.api.common.v1 import Payload, WorkflowExecution
 from temporalio.api.enums.v1 import EventType, WorkflowExecutionStatus
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import (
-    DescribeWorkflowExecutionRequest,
     GetWorkflowExecutionHistoryRequest,
     GetWorkflowExecutionHistoryResponse,
 )
@@ -22,7 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import convert, errors
-from server.temporal.orders import TIMEOUT_SLACK_SECONDS, decode_state
+from server.temporal.orders import TIMEOUT_SLACK_SECONDS, decode_state, describe
 from workflows import models, rules, search_attributes
 
 logger = logging.getLogger(__name__)
@@ -187,15 +186,9 @@ class _SharedWatch:
         named = _named_next_run(closing)
         if named:
             return named
-        request = DescribeWorkflowExecutionRequest(
-            namespace=self._client.namespace,
-            execution=WorkflowExecution(workflow_id=models.workflow_id_for(self.order_id)),
-        )
         seconds = self._query_timeout.total_seconds() + TIMEOUT_SLACK_SECONDS
         async with asyncio.timeout(seconds):
-            described = await self._client.workflow_service.describe_workflow_execution(
-                request, retry=True, timeout=self._query_timeout
-            )
+            described = await describe(self._client, self.order_id, rpc_timeout=self._query_timeout)
         current = described.workflow_execution_info
         # The followed run has closed, so a running current run is another one.
         if (
