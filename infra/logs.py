@@ -57,14 +57,13 @@ class RpcContext:
 
     rpc: str
     order_id: str = ""
-    # Who is calling (a tokens-file name, jwt:<hash>); "" where nothing authenticates.
-    caller: str = ""
 
 
 # grpc.aio serves each RPC in a task of its own, so a value set while serving
 # one RPC is seen by its own lines only (and by tasks it starts).
 _current_rpc: ContextVar[RpcContext | None] = ContextVar("order_rpc", default=None)
-# Set by the auth interceptor before the RPC's handler runs, in the RPC's own task.
+# Who is calling (a tokens-file name, jwt:<hash>); "" where nothing authenticates. Set
+# by the auth interceptor before the RPC's handler runs, in the RPC's own task.
 _current_caller: ContextVar[str] = ContextVar("order_caller", default="")
 
 
@@ -76,7 +75,7 @@ def set_caller(name: str) -> None:
 @contextmanager
 def rpc_context(rpc: str, order_id: str = "") -> Iterator[None]:
     """Marks every line logged inside the block, in this task, as about this RPC."""
-    token = _current_rpc.set(RpcContext(rpc, order_id, _current_caller.get()))
+    token = _current_rpc.set(RpcContext(rpc, order_id))
     try:
         yield
     finally:
@@ -124,8 +123,9 @@ def context_fields(record: logging.LogRecord) -> dict[str, Any]:
     call = _current_rpc.get()
     if call is not None:
         fields["rpc"] = call.rpc
-        if call.caller:
-            fields["caller"] = call.caller
+        caller = _current_caller.get()
+        if caller:
+            fields["caller"] = caller
         if call.order_id:
             fields["order_id"] = call.order_id
             fields["workflow_id"] = models.workflow_id_for(call.order_id)
