@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
-import pytest
-import pytest_asyncio
 
 from acme.orders.v1 import order_service_pb2 as pb
 from server.platform import jwt_auth
-from tests.support.jwt import Guarded, guarded_server
+from tests.support.access import code_of
+from tests.support.jwt import Guarded, guarded_fixture
 from tests.support.keys import KEYS
 from tests.support.logs import captured_logs
 from tests.support.orders import create_request, payment_request
-from tests.support.stack import Stack, bearer
+from tests.support.stack import bearer
 
-
-@pytest_asyncio.fixture(scope="module")
-async def guarded(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Guarded]:
-    async with guarded_server(stack, tmp_path_factory.mktemp("audit")) as server:
-        yield server
-
-
-async def outcome(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
+guarded = guarded_fixture("audit")
 
 
 async def test_every_write_is_audited_and_every_line_names_its_caller(guarded: Guarded) -> None:
@@ -56,31 +39,31 @@ async def test_every_write_is_audited_and_every_line_names_its_caller(guarded: G
         order_id = mine.order_id
         # (caller, rpc, order, code) of each write, in order.
         writes = [("storefront", "CreateOrder", order_id, "OK")]
-        paid = await outcome(
+        paid = await code_of(
             stub.ConfirmPayment(payment_request(order_id), metadata=guarded.system("storefront"))
         )
         writes.append(("storefront", "ConfirmPayment", order_id, paid.name))
-        cancelled = await outcome(
+        cancelled = await code_of(
             stub.CancelOrder(pb.CancelOrderRequest(order_id=theirs), metadata=customer)
         )
         writes.append((end_user, "CancelOrder", theirs, cancelled.name))
-        created = await outcome(
+        created = await code_of(
             stub.CreateOrder(create_request(customer_id=other), metadata=customer)
         )
         writes.append((end_user, "CreateOrder", "-", created.name))
-        anonymous = await outcome(
+        anonymous = await code_of(
             stub.CancelOrder(pb.CancelOrderRequest(order_id=order_id), metadata=bearer("ord_x"))
         )
         writes.append(("-", "CancelOrder", "-", anonymous.name))
         second = await stub.CreateOrder(create_request(customer_id=own), metadata=customer)
         writes.append((end_user, "CreateOrder", second.order_id, "OK"))
-        gateway = await outcome(
+        gateway = await code_of(
             stub.ConfirmPayment(
                 payment_request(second.order_id), metadata=guarded.system("payment-gateway")
             )
         )
         writes.append(("payment-gateway", "ConfirmPayment", second.order_id, gateway.name))
-        own_cancel = await outcome(
+        own_cancel = await code_of(
             stub.CancelOrder(pb.CancelOrderRequest(order_id=order_id), metadata=customer)
         )
         writes.append((end_user, "CancelOrder", order_id, own_cancel.name))

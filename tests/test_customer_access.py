@@ -1,8 +1,8 @@
 """Customers calling with their own JWTs, beside the system callers of the tokens file.
 
-Every caller (a token per role, and a customer's JWT) × every RPC × an order of
-that customer's ("own") and of another customer's ("other"), through real gRPC
-against a server in front of the session stack's worker. A customer sees,
+Every caller (a token per role, and a customer's JWT) × every RPC, a customer's
+calls on an order of its own ("own") and of another customer's ("other"), through
+real gRPC against a server in front of the session stack's worker. A customer sees,
 watches and cancels only its own orders (another's answers NOT_FOUND exactly as
 a missing one does), creates and lists only for itself, never confirms a
 payment. Then the JWT checks themselves: expiry, issuer, audience, unknown
@@ -11,32 +11,32 @@ keys, and HS256 "signed" with the public key.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
 import pytest
-import pytest_asyncio
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import validation
-from server.platform import jwt_auth, tokens
+from server.platform import jwt_auth
 from server.platform.settings import ServerSettings
+from tests.support.access import ALL_RPCS, ROLE_RPCS, code_of, error_info, failure, rpc_calls
 from tests.support.env import settings_from
 from tests.support.jwt import (
     Guarded,
     Issuer,
     SigningKey,
+    base64url,
+    guarded_fixture,
     guarded_server,
     hs256_signed_with,
 )
@@ -45,15 +45,6 @@ from tests.support.polling import eventually
 from tests.support.stack import Stack, bearer
 
 Code = grpc.StatusCode
-Metadata = tuple[tuple[str, str], ...]
-ALL_RPCS = frozenset(tokens.ORDER_METHODS)
-# Spelt out here rather than read from the server, so that widening one by mistake fails.
-ROLE_RPCS = {
-    "storefront": ALL_RPCS - {"ConfirmPayment"},
-    "payment-gateway": frozenset({"ConfirmPayment"}),
-    "operator": ALL_RPCS,
-    "admin": ALL_RPCS,
-}
 CUSTOMER = "customer"
 CALLERS = [*ROLE_RPCS, CUSTOMER]
 # The RPCs about one existing order, and those that name a customer instead.
@@ -76,10 +67,7 @@ def expected(caller: str, rpc: str, whose: str) -> Code:
 # --- The server and two customers' orders ---------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module")
-async def guarded(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Guarded]:
-    async with guarded_server(stack, tmp_path_factory.mktemp("customer-access")) as server:
-        yield server
+guarded = guarded_fixture("customer-access")
 
 
 @pytest.fixture(scope="module")
@@ -96,41 +84,19 @@ async def new_order(guarded: Guarded, customer_id: str) -> str:
     return created.order_id
 
 
-async def code_of(call: Awaitable[object]) -> Code:
-    """The call's status code (`watched` gives one itself)."""
-    try:
-        result = await call
-    except grpc.aio.AioRpcError as err:
-        return err.code()
-    return result if isinstance(result, Code) else Code.OK
-
-
-async def failure(call: Awaitable[object]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
-
-
-async def watched(guarded: Guarded, order_id: str, metadata: Metadata) -> Code:
-    """Opens WatchOrder, reads the first message (the order now), and leaves."""
-    call = guarded.stub.WatchOrder(pb.WatchOrderRequest(order_id=order_id), metadata=metadata)
-    try:
-        order = await call.read()
-        assert isinstance(order, pb.Order)
-        assert order.order_id == order_id
-        return Code.OK
-    except grpc.aio.AioRpcError as err:
-        return err.code()
-    finally:
-        call.cancel()
-
-
 # --- Every caller × every RPC × own or other ------------------------------------------------
 
+# Whose order matters to the customer only: a system caller's role alone decides, so for
+# it an order of the other customer would repeat the same case.
+CASES = [
+    (caller, rpc, whose)
+    for caller in CALLERS
+    for rpc in sorted(ALL_RPCS)
+    for whose in (("own", "other") if caller == CUSTOMER else ("own",))
+]
 
-@pytest.mark.parametrize("whose", ["own", "other"])
-@pytest.mark.parametrize("rpc", sorted(ALL_RPCS))
-@pytest.mark.parametrize("caller", CALLERS)
+
+@pytest.mark.parametrize(("caller", "rpc", "whose"), CASES)
 async def test_who_may_do_what_to_whose_order(
     guarded: Guarded, customers: tuple[str, str], caller: str, rpc: str, whose: str
 ) -> None:
@@ -139,30 +105,16 @@ async def test_who_may_do_what_to_whose_order(
     # A fresh order for the writes, so that one case's cancel or payment is not another's.
     order_id = await new_order(guarded, customer_id)
     auth = guarded.customer(own) if caller == CUSTOMER else guarded.system(caller)
-    stub = guarded.stub
-    calls: dict[str, Callable[[], Awaitable[Any]]] = {
-        "CreateOrder": lambda: stub.CreateOrder(
-            create_request(customer_id=customer_id), metadata=auth
-        ),
-        "GetOrder": lambda: stub.GetOrder(pb.GetOrderRequest(order_id=order_id), metadata=auth),
-        "GetOrderStatus": lambda: stub.GetOrderStatus(
-            pb.GetOrderStatusRequest(order_id=order_id), metadata=auth
-        ),
-        "GetEstimatedDelivery": lambda: stub.GetEstimatedDelivery(
-            pb.GetEstimatedDeliveryRequest(order_id=order_id), metadata=auth
-        ),
-        "ListOrders": lambda: stub.ListOrders(
-            pb.ListOrdersRequest(customer_id=customer_id, page_size=10), metadata=auth
-        ),
-        "WatchOrder": lambda: watched(guarded, order_id, auth),
-        "ConfirmPayment": lambda: stub.ConfirmPayment(
-            payment_request(order_id, f"TXN-{uuid.uuid4().hex[:8]}"), metadata=auth
-        ),
-        "CancelOrder": lambda: stub.CancelOrder(
-            pb.CancelOrderRequest(order_id=order_id, reason="Changed my mind"), metadata=auth
-        ),
-    }
-    assert set(calls) == ALL_RPCS, "a new RPC needs a row here"
+    calls = rpc_calls(
+        guarded.stub,
+        auth,
+        order_id,
+        create=create_request(customer_id=customer_id),
+        listing=pb.ListOrdersRequest(customer_id=customer_id, page_size=10),
+        payment=payment_request(order_id, f"TXN-{uuid.uuid4().hex[:8]}"),
+        cancel=pb.CancelOrderRequest(order_id=order_id, reason="Changed my mind"),
+    )
+    assert set(calls) == ALL_RPCS, "a new RPC needs a row in rpc_calls"
 
     code = await code_of(calls[rpc]())
     assert code == expected(caller, rpc, whose)
@@ -249,14 +201,6 @@ async def test_creating_for_another_customer_says_why(
 # --- Another customer's order is indistinguishable from a missing one ------------------------
 
 
-def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
-
-
 def shape(err: grpc.aio.AioRpcError, order_id: str) -> tuple[Code, str, str]:
     """The code, message and full google.rpc.Status, with the order id made anonymous."""
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
@@ -280,23 +224,8 @@ async def test_another_customers_order_answers_exactly_like_a_missing_one(
     auth = guarded.customer(own)
 
     async def refused(order_id: str) -> grpc.aio.AioRpcError:
-        stub = guarded.stub
-        if rpc == "WatchOrder":
-            call = stub.WatchOrder(pb.WatchOrderRequest(order_id=order_id), metadata=auth)
-            return await failure(call.read())
-        requests: dict[str, Callable[[], Awaitable[Any]]] = {
-            "GetOrder": lambda: stub.GetOrder(pb.GetOrderRequest(order_id=order_id), metadata=auth),
-            "GetOrderStatus": lambda: stub.GetOrderStatus(
-                pb.GetOrderStatusRequest(order_id=order_id), metadata=auth
-            ),
-            "GetEstimatedDelivery": lambda: stub.GetEstimatedDelivery(
-                pb.GetEstimatedDeliveryRequest(order_id=order_id), metadata=auth
-            ),
-            "CancelOrder": lambda: stub.CancelOrder(
-                pb.CancelOrderRequest(order_id=order_id), metadata=auth
-            ),
-        }
-        return await failure(requests[rpc]())
+        cancel = pb.CancelOrderRequest(order_id=order_id)
+        return await failure(rpc_calls(guarded.stub, auth, order_id, cancel=cancel)[rpc]())
 
     not_theirs, not_there = await refused(theirs), await refused(missing)
     assert not_there.code() == Code.NOT_FOUND
@@ -330,10 +259,6 @@ def forged(issuer: Issuer, customer_id: str) -> dict[str, str]:
         "not a customer id": issuer.token("two words"),
         "garbage in three parts": "abc.def.ghi",
     }
-
-
-def base64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def test_a_jwt_from_each_key_is_accepted(

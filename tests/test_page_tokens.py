@@ -27,6 +27,7 @@ from server.api import validation
 from server.api.errors import InvalidArgument
 from server.temporal import listing
 from server.temporal.listing import ListFilter, PageToken, PageTokens
+from tests.support.jwt import base64url
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 KEY, OTHER_KEY = bytes(range(32)), bytes(range(32, 64))
@@ -34,10 +35,6 @@ TOKENS = PageTokens([KEY])
 TOKEN = PageToken(NOW, "order-ORD-00000000000000AB", ListFilter().digest(), timedelta(minutes=5))
 GOOD = TOKEN.body()
 FUZZ = settings(max_examples=300, deadline=None, database=None)
-
-
-def b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def violations(page_token: str, tokens: PageTokens = TOKENS) -> dict[str, str]:
@@ -83,21 +80,21 @@ def test_rotation_the_newest_key_signs_and_every_key_verifies() -> None:
 
 def test_a_forged_token_valid_json_and_the_wrong_mac_is_refused() -> None:
     # What the unsigned tokens were: anyone could write one.
-    refused(b64(GOOD))
-    refused(f"{b64(GOOD)}.{b64(bytes(32))}")
+    refused(base64url(GOOD))
+    refused(f"{base64url(GOOD)}.{base64url(bytes(32))}")
     refused(PageTokens([OTHER_KEY]).encode(TOKEN))
     # A genuine MAC on another body.
     genuine_mac = TOKENS.encode(TOKEN).split(".")[1]
     moved = PageToken(NOW, "order-ORD-00000000000000ZZ", TOKEN.filter_digest, TOKEN.window)
-    refused(f"{b64(moved.body())}.{genuine_mac}")
+    refused(f"{base64url(moved.body())}.{genuine_mac}")
     # A MAC of the body alone, without the service's context string.
-    refused(f"{b64(GOOD)}.{b64(hmac.digest(KEY, GOOD, hashlib.sha256))}")
+    refused(f"{base64url(GOOD)}.{base64url(hmac.digest(KEY, GOOD, hashlib.sha256))}")
 
 
 def test_deep_nesting_is_invalid_argument_not_a_recursion_error() -> None:
     deep = b"[" * 10_000
-    refused(b64(deep))  # the report's token, unsigned
-    assert violations(b64(deep)) == {"page_token": "TOO_LONG"}
+    refused(base64url(deep))  # the report's token, unsigned
+    assert violations(base64url(deep)) == {"page_token": "TOO_LONG"}
     refused(PageTokens([OTHER_KEY]).sign(b"[" * 700))
     # Even a body with a valid MAC never reaches the caller as anything but ValueError.
     refused(TOKENS.sign(b"[" * 700))
@@ -201,15 +198,15 @@ ALPHABET = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
         st.text(),
         ALPHABET,
         st.binary().map(lambda raw: raw.decode("latin-1")),
-        st.binary().map(b64),
+        st.binary().map(base64url),
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
             lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-        ).map(lambda value: b64(json.dumps(value).encode())),
+        ).map(lambda value: base64url(json.dumps(value).encode())),
         st.tuples(st.binary(), st.binary(min_size=32, max_size=32)).map(
-            lambda parts: f"{b64(parts[0])}.{b64(parts[1])}"
+            lambda parts: f"{base64url(parts[0])}.{base64url(parts[1])}"
         ),
-        st.integers(1, 200).map(lambda depth: b64(b"[" * depth * 50)),
+        st.integers(1, 200).map(lambda depth: base64url(b"[" * depth * 50)),
     )
 )
 def test_fuzz_anything_made_up_is_invalid_argument_on_page_token(text: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +19,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import trustme
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
@@ -29,31 +27,21 @@ from server import tokens as tokens_cli
 from server.platform import tokens
 from server.platform.app import OrderServer
 from server.platform.settings import ServerSettings
+from tests.support.access import (
+    ALL_RPCS,
+    ROLE_RPCS,
+    code_of,
+    error_info,
+    failure,
+    first_watched,
+    rpc_calls,
+)
 from tests.support.env import run, settings_from, venv_binary, with_changes
-from tests.support.orders import LAPTOP_PRICE, create_request
+from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
 from tests.support.stack import Stack, async_stub, bearer, serving
 
 SERVICE = "acme.orders.v1.OrderService"
-ALL_RPCS = frozenset(tokens.ORDER_METHODS)
-# What each role may call, spelt out here rather than read from server.tokens,
-# so that widening a role by mistake fails this test.
-ROLE_RPCS = {
-    "storefront": frozenset(
-        {
-            "CreateOrder",
-            "GetOrder",
-            "GetOrderStatus",
-            "GetEstimatedDelivery",
-            "ListOrders",
-            "WatchOrder",
-            "CancelOrder",
-        }
-    ),
-    "payment-gateway": frozenset({"ConfirmPayment"}),
-    "operator": ALL_RPCS,
-    "admin": ALL_RPCS,
-}
 
 
 # --- Certificates and tokens ------------------------------------------------------------
@@ -161,44 +149,6 @@ async def secured(stack: Stack, pki: Pki, auth_tokens: Tokens) -> AsyncIterator[
             yield Secured(server, channel, async_stub(channel))
         finally:
             await channel.close(grace=None)
-
-
-async def code_of(call: Awaitable[object]) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
-
-
-async def failure(call: Awaitable[object]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
-
-
-def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "no google.rpc.Status in the trailers"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
-
-
-async def first_watched(
-    stub: pb_grpc.OrderServiceAsyncStub, order_id: str, token: str
-) -> grpc.StatusCode:
-    """Opens WatchOrder, reads the first message (the order now), and leaves."""
-    call = stub.WatchOrder(pb.WatchOrderRequest(order_id=order_id), metadata=bearer(token))
-    try:
-        order = await call.read()
-        assert isinstance(order, pb.Order)
-        assert order.order_id == order_id
-        return grpc.StatusCode.OK
-    except grpc.aio.AioRpcError as err:
-        return err.code()
-    finally:
-        call.cancel()
 
 
 # --- TLS and mutual TLS -----------------------------------------------------------------
@@ -334,43 +284,17 @@ async def test_each_role_calls_exactly_its_rpcs(
     order_id = to_pay.order_id
     auth = bearer(token)
 
-    calls: dict[str, Callable[[], Awaitable[grpc.StatusCode]]] = {
-        "CreateOrder": lambda: code_of(stub.CreateOrder(create_request(), metadata=auth)),
-        "GetOrder": lambda: code_of(
-            stub.GetOrder(pb.GetOrderRequest(order_id=order_id), metadata=auth)
-        ),
-        "GetOrderStatus": lambda: code_of(
-            stub.GetOrderStatus(pb.GetOrderStatusRequest(order_id=order_id), metadata=auth)
-        ),
-        "GetEstimatedDelivery": lambda: code_of(
-            stub.GetEstimatedDelivery(
-                pb.GetEstimatedDeliveryRequest(order_id=order_id), metadata=auth
-            )
-        ),
-        "ListOrders": lambda: code_of(
-            stub.ListOrders(pb.ListOrdersRequest(customer_id="CUST-1", page_size=1), metadata=auth)
-        ),
-        "WatchOrder": lambda: first_watched(stub, order_id, token),
-        "ConfirmPayment": lambda: code_of(
-            stub.ConfirmPayment(
-                pb.ConfirmPaymentRequest(
-                    order_id=order_id,
-                    transaction_id=f"TXN-{role}",
-                    amount=LAPTOP_PRICE,
-                    payment_method="credit_card",
-                ),
-                metadata=auth,
-            )
-        ),
-        "CancelOrder": lambda: code_of(
-            stub.CancelOrder(
-                pb.CancelOrderRequest(order_id=to_cancel.order_id, reason="Changed my mind"),
-                metadata=auth,
-            )
-        ),
-    }
-    assert set(calls) == ALL_RPCS, "a new RPC needs a row here"
-    codes = {rpc: await call() for rpc, call in calls.items()}
+    calls = rpc_calls(
+        stub,
+        auth,
+        order_id,
+        create=create_request(),
+        listing=pb.ListOrdersRequest(customer_id="CUST-1", page_size=1),
+        payment=payment_request(order_id, f"TXN-{role}"),
+        cancel=pb.CancelOrderRequest(order_id=to_cancel.order_id, reason="Changed my mind"),
+    )
+    assert set(calls) == ALL_RPCS, "a new RPC needs a row in rpc_calls"
+    codes = {rpc: await code_of(call()) for rpc, call in calls.items()}
     expected = {
         rpc: grpc.StatusCode.OK if rpc in ROLE_RPCS[role] else grpc.StatusCode.PERMISSION_DENIED
         for rpc in ALL_RPCS
@@ -461,10 +385,10 @@ async def test_an_expired_token_is_unauthenticated_and_says_so(
 
 async def test_watch_order_needs_a_valid_token_too(secured: Secured, auth_tokens: Tokens) -> None:
     order_id = "ORD-0000000000000000"
-    assert await first_watched(secured.stub, order_id, "ord_unknown") == (
+    assert await code_of(first_watched(secured.stub, order_id, bearer("ord_unknown"))) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
-    assert await first_watched(secured.stub, order_id, auth_tokens.expired) == (
+    assert await code_of(first_watched(secured.stub, order_id, bearer(auth_tokens.expired))) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
     call = secured.stub.WatchOrder(pb.WatchOrderRequest(order_id=order_id))

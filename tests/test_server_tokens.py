@@ -12,6 +12,7 @@ import pytest
 
 from server import tokens as tokens_cli
 from server.platform import tokens
+from tests.support.access import ROLE_RPCS
 
 SERVICE = "/acme.orders.v1.OrderService"
 TOKEN = "ord_test-token"
@@ -43,27 +44,8 @@ def test_identify_finds_the_caller_by_its_token() -> None:
     assert store.identify("") is None
 
 
-@pytest.mark.parametrize(
-    ("role", "allowed"),
-    [
-        (
-            "storefront",
-            {
-                "CreateOrder",
-                "GetOrder",
-                "GetOrderStatus",
-                "GetEstimatedDelivery",
-                "ListOrders",
-                "WatchOrder",
-                "CancelOrder",
-            },
-        ),
-        ("payment-gateway", {"ConfirmPayment"}),
-        ("operator", set(tokens.ORDER_METHODS)),
-        ("admin", set(tokens.ORDER_METHODS)),
-    ],
-)
-def test_roles(role: str, allowed: set[str]) -> None:
+@pytest.mark.parametrize(("role", "allowed"), list(ROLE_RPCS.items()))
+def test_roles(role: str, allowed: frozenset[str]) -> None:
     store = tokens.parse(entry(name='"c"', token_sha256=f'"{DIGEST}"', role=f'"{role}"'))
     caller = store.identify(TOKEN)
     assert caller is not None

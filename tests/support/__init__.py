@@ -8,5 +8,10 @@
 - stack: a worker and a gRPC server on a task queue of their own, and a stub;
 - cluster: the same as real processes, killed for real; the providers' ledger audited;
 - load: many orders driven at once, every one audited;
-- docs: `make docs`.
+- docs: `make docs`;
+- keys, jwt, access: the keys encrypted with, an identity provider and a guarded server,
+  each role's RPCs and a call of every RPC;
+- logs, payloads, spans: what the processes log, a history's payloads, a server's spans;
+- proxy, counting_proxy, h2_client, call_counts: a TCP proxy, a counting gRPC proxy in
+  front of Temporal, a client that never reads, the Temporal calls per RPC.
 """

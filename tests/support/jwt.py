@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 import jwt
+import pytest
+import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -123,7 +125,8 @@ class Issuer:
         )
 
 
-def _b64(data: bytes) -> str:
+def base64url(data: bytes) -> str:
+    """Base64url without padding, as JWTs (RFC 7515) and ListOrders page tokens write it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
@@ -132,9 +135,9 @@ def hs256_signed_with(secret: bytes, payload: dict[str, Any], kid: str) -> str:
     as the secret, the algorithm confusion an RS256/ES256 verifier must refuse.
     (PyJWT itself refuses to make one, hence by hand.)"""
     header = {"alg": "HS256", "typ": "JWT", "kid": kid}
-    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}"
+    signing_input = ".".join(base64url(json.dumps(part).encode()) for part in (header, payload))
     mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64(mac)}"
+    return f"{signing_input}.{base64url(mac)}"
 
 
 # --- A server that takes both kinds of caller --------------------------------------------
@@ -187,3 +190,23 @@ async def guarded_server(stack: Stack, directory: Path, **changes: Any) -> Async
             yield Guarded(server, channel, async_stub(channel), by_role, issuer)
         finally:
             await channel.close(grace=None)
+
+
+def guarded_fixture(
+    name: str,
+) -> Callable[[Stack, pytest.TempPathFactory], AsyncIterator[Guarded]]:
+    """A module's `guarded` fixture (`guarded = guarded_fixture(...)`): a guarded_server
+    with the default settings, its files in a temporary folder called `name`.
+
+    Module-scoped, so each module has a server of its own: one module's calls never
+    show in another's captured logs.
+    """
+
+    @pytest_asyncio.fixture(scope="module")
+    async def guarded(
+        stack: Stack, tmp_path_factory: pytest.TempPathFactory
+    ) -> AsyncIterator[Guarded]:
+        async with guarded_server(stack, tmp_path_factory.mktemp(name)) as server:
+            yield server
+
+    return guarded
