@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,10 +33,8 @@ from server.api import access
 from server.platform import limits, tokens
 from server.platform.limits import LimitSettings, Rate, TokenBuckets, TooManyCalls
 from server.platform.slow_readers import SlowReaders, peer_address
-from tests.support.cluster import Process, ServerProcess
-from tests.support.env import clean_environ
+from tests.support.cluster import ServerProcess, new_server_process
 from tests.support.h2_client import StalledClient
-from tests.support.keys import key_variables
 from tests.support.orders import create_request
 from tests.support.polling import eventually
 from tests.support.stack import Stack, async_stub, bearer, serving
@@ -288,8 +285,15 @@ async def test_list_orders_refused_beyond_the_cap_while_two_are_in_progress() ->
     """The same rule, deterministic: two calls held open, the third refused at once."""
     interceptor = limits.Limits(LimitSettings(list_orders_per_caller=2), open_services=[])
     release = asyncio.Event()
+    # Set once two calls are in the handler: admitted, so both hold their slot.
+    two_inside = asyncio.Event()
+    inside = 0
 
     async def slow_list(request: Any, context: Any) -> pb.ListOrdersResponse:
+        nonlocal inside
+        inside += 1
+        if inside == 2:
+            two_inside.set()
         await release.wait()
         return pb.ListOrdersResponse()
 
@@ -308,7 +312,7 @@ async def test_list_orders_refused_beyond_the_cap_while_two_are_in_progress() ->
         return await handler.unary_unary(pb.ListOrdersRequest(), None)
 
     held = [asyncio.create_task(as_caller("shop-a")) for _ in range(2)]
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(two_inside.wait(), 10)
     with pytest.raises(TooManyCalls, match="2 ListOrders calls in progress"):
         await asyncio.create_task(as_caller("shop-a"))
     other = asyncio.create_task(as_caller("shop-b"))
@@ -325,13 +329,13 @@ async def server_process(
     temporal: WorkflowEnvironment, stack: Stack, tmp_path: Path, *flags: str
 ) -> AsyncIterator[ServerProcess]:
     """`python -m server` on the stack's task queue, as a process of its own."""
-    argv = [
-        sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
-        "--temporal-address", temporal.client.service_client.config.target_host,
-        "--task-queue", stack.task_queue, *flags,
-    ]  # fmt: skip
-    env = clean_environ({"PYTHONUNBUFFERED": "1", **key_variables()})
-    server = ServerProcess(Process("server", argv, env, tmp_path / "server.log"))
+    server = new_server_process(
+        "server",
+        tmp_path / "server.log",
+        temporal_address=temporal.client.service_client.config.target_host,
+        task_queue=stack.task_queue,
+        flags=flags,
+    )
     await server.start()
     try:
         yield server
@@ -372,16 +376,16 @@ async def test_a_client_that_never_reads_is_disconnected_and_its_memory_freed(
         finally:
             await client.close()
 
-        async def freed() -> float:
-            for _ in range(40):
-                grown = rss_mb(server.process.pid) - before
-                if grown < 20:
-                    return grown
-                await asyncio.sleep(0.5)
-            return grown
+        async def grown_mb() -> float:
+            return rss_mb(server.process.pid) - before
 
-        grown = await freed()
-        assert grown < 20, f"RSS {grown:.1f} MB above where it started ({held:.1f} MB held)"
+        grown = await eventually(
+            grown_mb,
+            lambda grown: grown < 20,
+            within=20,
+            interval=0.5,
+            what=f"RSS back within 20 MB of where it started ({held:.1f} MB held)",
+        )
         print(f"held {held:.1f} MB, after the disconnect {grown:.1f} MB above the start")
         # The server logs the disconnect just after closing the socket, in a process of its
         # own: on a loaded machine the line can come after the client saw the close.

@@ -97,19 +97,16 @@ async def new_run_running(client: Client, workflow_id: str, old_run: str) -> str
     return await eventually(probe, bool, what="a new run that has run a task")
 
 
-async def first_task_completed(client: Client, workflow_id: str) -> None:
-    """Waits for the workflow's first task to complete: an order reads PENDING from the
+async def first_task_completed(client: Client, workflow_id: str, run_id: str) -> None:
+    """Waits for the run's first task to complete: an order reads PENDING from the
     memo its start wrote (decision 0016) before any worker has run it, and a reset to
     FirstWorkflowTask needs that task done."""
-
-    async def completed() -> bool:
-        history = await client.get_workflow_handle(workflow_id).fetch_history()
-        return any(
-            event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
-            for event in history.events
-        )
-
-    await eventually(completed, bool, within=30, what="the first workflow task completed")
+    await eventually(
+        lambda: has_run_a_task(client, workflow_id, run_id),
+        bool,
+        within=30,
+        what="the first workflow task completed",
+    )
 
 
 async def reset_with_the_cli(address: str, workflow_id: str, reset_type: str) -> None:
@@ -178,7 +175,7 @@ async def test_a_watch_open_across_a_reset_streams_the_new_run(
     assert first.status == S.ORDER_STATUS_PENDING
     old_run = await current_run(client, created.workflow_id)
 
-    await first_task_completed(client, created.workflow_id)
+    await first_task_completed(client, created.workflow_id, old_run)
     await reset_with_the_cli(temporal_address, created.workflow_id, "FirstWorkflowTask")
     new_run = await new_run_running(client, created.workflow_id, old_run)
     old = await client.get_workflow_handle(created.workflow_id, run_id=old_run).describe()

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from tests.support.logs import captured_logs
+from tests.support.polling import eventually
 from tests.support.spans import in_memory_tracer, traced_server
 
 # Far beyond what HTTP/2 flow control lets out before the caller reads: the write waits.
@@ -56,7 +57,14 @@ async def test_a_stream_cancelled_while_a_message_is_on_its_way_is_closed_and_co
                     await asyncio.sleep(0.5)
                     call.cancel()
                     await asyncio.wait_for(closed.wait(), 10)
-                await asyncio.sleep(0.2)  # the request path logs as the call unwinds
+                # The request path logs as the call unwinds, after the generator closed.
+                await eventually(
+                    lambda: asyncio.sleep(0, logged.getvalue()),
+                    lambda text: "code=CANCELLED" in text,
+                    within=10,
+                    interval=0.01,
+                    what="the request path's line for the cancelled call",
+                )
         (span,) = exporter.get_finished_spans()
     assert "rpc=Watch" in logged.getvalue()
     assert "code=CANCELLED" in logged.getvalue(), logged.getvalue()

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import secrets
-import sys
 import threading
 import urllib.request
 from collections.abc import AsyncIterator
@@ -49,9 +48,8 @@ from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from infra import logs, tracing
 from server.api import errors
 from server.platform.metrics import GrpcServerMetrics
-from tests.support.cluster import Cluster, Process, ServerProcess, Simulation, open_cluster
-from tests.support.env import clean_environ, free_port
-from tests.support.keys import key_variables
+from tests.support.cluster import Cluster, ServerProcess, Simulation, open_cluster
+from tests.support.env import free_port
 from tests.support.orders import create_request, payment_request
 from tests.support.polling import eventually
 from tests.support.spans import in_memory_tracer, traced_server
@@ -196,22 +194,6 @@ class Traced:
     stub: pb_grpc.OrderServiceAsyncStub
 
 
-async def start_server(cluster: Cluster, env: dict[str, str], metrics_port: int) -> ServerProcess:
-    """`python -m server` as the cluster starts it, with `env` and a metrics port."""
-    assert cluster.temporal is not None
-    argv = [
-        *(sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0"),
-        *("--metrics-port", str(metrics_port)),
-        *("--temporal-address", cluster.temporal.address, "--task-queue", cluster.task_queue),
-    ]
-    environ = clean_environ({"PYTHONUNBUFFERED": "1", **key_variables(), **env})
-    process = Process("server-traced", argv, environ, cluster.root / "logs" / "server.log")
-    server = ServerProcess(process)
-    cluster.servers.append(server)  # killed with the cluster
-    await server.start()
-    return server
-
-
 @pytest_asyncio.fixture(scope="module")
 async def traced(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Traced]:
     """Temporal, a worker exporting over OTLP/gRPC, a server over OTLP/HTTP, one collector."""
@@ -233,7 +215,9 @@ async def traced(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Trac
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.http_endpoint,
             **FAST_EXPORT,
         }
-        server = await start_server(cluster, server_env, metrics_port)
+        server = await cluster.start_server(
+            flags=["--metrics-port", str(metrics_port)], env=server_env, name="server-traced"
+        )
         stack = await cluster.stack(server)
         yield Traced(
             cluster, server, collector, f"http://127.0.0.1:{metrics_port}/metrics", stack.stub

@@ -80,7 +80,6 @@ from tests.bench.raw_side import CANCEL_REASON, Raw
 from tests.support.cluster import (
     SERVICE_NAME,
     Cluster,
-    Process,
     Simulation,
     WorkerProcess,
     kill_strays,
@@ -889,32 +888,13 @@ async def parked_orders(
 async def start_passthrough_worker(cluster: Cluster, name: str) -> WorkerProcess:
     """`python -m tests.bench.passthrough_worker`: the worker with every module passed through.
 
-    Started as Cluster.start_worker starts `python -m worker`, on a task queue of its own.
+    Started by Cluster.start_worker as `python -m worker` is, on a task queue of its own.
     """
-    assert cluster.temporal is not None
-    task_queue = f"orders-{name}-{uuid.uuid4().hex[:8]}"
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.bench.passthrough_worker",
-        "--temporal-address",
-        cluster.temporal.address,
-        "--task-queue",
-        task_queue,
-    ]
-    env = clean_environ(
-        {
-            "PYTHONUNBUFFERED": "1",
-            **cluster.simulation.env(),
-            "ORDER_OUTBOX_DIR": str(cluster.outbox),
-            **key_variables(),
-        }
+    return await cluster.start_worker(
+        task_queue=f"orders-{name}-{uuid.uuid4().hex[:8]}",
+        module="tests.bench.passthrough_worker",
+        name=f"worker-{name}",
     )
-    process = Process(f"worker-{name}", argv, env, cluster.root / "logs" / f"worker-{name}.log")
-    worker = WorkerProcess(process, cluster, task_queue)
-    cluster.workers.append(worker)
-    await worker.start()
-    return worker
 
 
 @dataclass

@@ -33,6 +33,8 @@ Also here:
   progress and their end states as GetOrder shows them, for the fault tests;
 - `Cluster.stack()`: a worker and a server of the cluster as a `Stack`
   (tests/support/stack.py), the view the in-process stacks give.
+- `new_server_process()`: `python -m server` as `Cluster.start_server` starts it, for a
+  dev server that is not a cluster's (the in-process tests' own).
 """
 
 from __future__ import annotations
@@ -344,6 +346,29 @@ class ServerProcess:
         return await self.process.kill()
 
 
+def new_server_process(
+    name: str,
+    log_path: Path,
+    *,
+    temporal_address: str,
+    task_queue: str,
+    flags: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """`python -m server` on 127.0.0.1 and the task queue, not started yet.
+
+    Its port is the OS's pick; its environment has the session's keys, and `env`
+    added. Also for a server in front of a dev server that is not a Cluster's.
+    """
+    argv = [
+        *(sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0"),
+        *("--temporal-address", temporal_address, "--task-queue", task_queue),
+        *flags,
+    ]
+    environ = _base_env({**key_variables(), **(env or {})})
+    return ServerProcess(Process(name, argv, environ, log_path))
+
+
 async def health(target: str, *, rpc_timeout: float) -> int | str:
     """The server's grpc.health.v1 status for OrderService, or the error code's name."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -506,6 +531,7 @@ class Cluster:
         proxy: Proxy | None = None,
         task_queue: str = "",
         env: Mapping[str, str] | None = None,
+        module: str = "worker",
         name: str = "",
         within: float = 60.0,
     ) -> WorkerProcess:
@@ -513,7 +539,8 @@ class Cluster:
 
         With `proxy`, it reaches Temporal through it (see `partition_proxy`); with
         `task_queue`, it polls that queue instead of the cluster's; `env` adds to
-        (or overrides) its ORDER_* settings.
+        (or overrides) its ORDER_* settings; `module` runs another worker taking the
+        same flags (the benchmark's passthrough one).
         """
         name = name or f"worker-{len(self.workers) + 1}"
         ledger = {"ORDER_SIM_LEDGER": str(self.ledger_path)} if self.ledger_effects else {}
@@ -525,7 +552,7 @@ class Cluster:
         }
         address = proxy.address if proxy is not None else None
         flags = self._temporal_flags(address, task_queue)
-        argv = [sys.executable, "-m", "worker", *flags]
+        argv = [sys.executable, "-m", module, *flags]
         log = self.root / "logs" / f"{name}.log"
         process = Process(name, argv, _base_env({**settings, **(env or {})}), log)
         worker = WorkerProcess(process, self, task_queue or self.task_queue)
@@ -534,24 +561,29 @@ class Cluster:
         return worker
 
     async def start_server(
-        self, *, temporal_rpc_timeout: str = "10s", name: str = "", within: float = 60.0
+        self,
+        *,
+        temporal_rpc_timeout: str = "10s",
+        flags: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        name: str = "",
+        within: float = 60.0,
     ) -> ServerProcess:
-        """A new `python -m server` process, SERVING once this returns."""
+        """A new `python -m server` process, SERVING once this returns.
+
+        `flags` go to it after the cluster's (a metrics port, say); `env` adds to its
+        environment.
+        """
+        assert self.temporal is not None, "start Temporal first"
         name = name or f"server-{len(self.servers) + 1}"
-        argv = [
-            sys.executable,
-            "-m",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--temporal-rpc-timeout",
-            temporal_rpc_timeout,
-            *self._temporal_flags(),
-        ]
-        log = self.root / "logs" / f"{name}.log"
-        server = ServerProcess(Process(name, argv, _base_env(key_variables()), log))
+        server = new_server_process(
+            name,
+            self.root / "logs" / f"{name}.log",
+            temporal_address=self.temporal.address,
+            task_queue=self.task_queue,
+            flags=["--temporal-rpc-timeout", temporal_rpc_timeout, *flags],
+            env=env,
+        )
         self.servers.append(server)
         await server.start(within=within)
         return server
