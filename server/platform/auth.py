@@ -152,7 +152,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 caller=caller.name,
                 expireTime=expired_at,
             )
-        return access.Principal(caller.name, caller.methods, role=caller.role)
+        return caller.principal
 
     async def intercept_service(
         self,

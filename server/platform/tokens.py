@@ -5,6 +5,7 @@ The file's format and rotation: docs/security.md and docs/decisions/0010.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -20,6 +21,7 @@ from pydantic import AfterValidator
 
 from acme.orders.v1 import order_service_pb2 as pb
 from infra.settings import ExistingFile, load_file
+from server.api import access
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["OrderService"]
 # "GetOrder" -> "/acme.orders.v1.OrderService/GetOrder", the name gRPC routes by.
@@ -89,8 +91,10 @@ class Caller:
     # The entry's role, if it names one (rate limits are set per role).
     role: str | None = None
 
-    def may_call(self, method: str) -> bool:
-        return self.methods is None or method in self.methods
+    @functools.cached_property
+    def principal(self) -> access.Principal:
+        """The caller as the RPCs see it: made once, not on every call."""
+        return access.Principal(self.name, self.methods, role=self.role)
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
