@@ -76,6 +76,40 @@ async def decode_state(client: Client, payload: Payload) -> models.OrderState:
     return state
 
 
+@dataclasses.dataclass(frozen=True)
+class StartArguments:
+    """start_workflow's input, memo and search attributes for one order, and its total."""
+
+    order: models.OrderInput
+    total: Money
+    memo: dict[str, object]
+    search_attributes: TypedSearchAttributes
+
+
+def start_arguments(order: models.OrderInput, customer_id_key: bytes) -> StartArguments:
+    """What an order's workflow is started with: its input, stamped with the creation time and
+    the customer key (`customer_id_key`'s hash of its customer id, docs/decisions/0017)."""
+    total = models.order_total(order.items)
+    created_at = datetime.now(UTC)
+    customer = search_attributes.customer_key(customer_id_key, order.customer_id)
+    order = dataclasses.replace(order, created_at=created_at, customer_key=customer)
+    return StartArguments(
+        order=order,
+        total=total,
+        # Readable at once: the state reads answer from (see `OrderWorkflows.state`), and
+        # the customer id ListOrders shows (visibility holds only its hash).
+        memo={
+            search_attributes.MEMO_TOTAL_AMOUNT: total,
+            search_attributes.MEMO_CUSTOMER_ID: order.customer_id,
+            search_attributes.MEMO_ORDER_STATE: models.initial_state(order, created_at),
+        },
+        # Listable at once, before any worker has run the order's first task.
+        search_attributes=TypedSearchAttributes(
+            search_attributes.for_listing(customer, models.OrderStatus.PENDING, created_at, total)
+        ),
+    )
+
+
 class OrderWorkflows:
     """Starts, reads and signals order workflows on one task queue."""
 
@@ -99,38 +133,24 @@ class OrderWorkflows:
     async def start(self, order: models.OrderInput) -> Money:
         """Starts the order's workflow and returns the order's total; WorkflowAlreadyStartedError
         if its id was ever used."""
-        total = models.order_total(order.items)
-        created_at = datetime.now(UTC)
-        customer = search_attributes.customer_key(self._customer_id_key, order.customer_id)
-        order = dataclasses.replace(order, created_at=created_at, customer_key=customer)
+        start = start_arguments(order, self._customer_id_key)
         await within_deadline(
             self.rpc_timeout,
             lambda timeout: self._client.start_workflow(
                 models.WORKFLOW_NAME,
-                order,
-                id=models.workflow_id_for(order.order_id),
+                start.order,
+                id=models.workflow_id_for(start.order.order_id),
                 task_queue=self._task_queue,
                 # One workflow per order id, ever: a retried request_id cannot
                 # start a second workflow even after the first has closed.
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                # Listable at once, before any worker has run the order's first task.
-                search_attributes=TypedSearchAttributes(
-                    search_attributes.for_listing(
-                        customer, models.OrderStatus.PENDING, created_at, total
-                    )
-                ),
-                # Readable at once too: the state reads answer from (see `state`), and
-                # the customer id ListOrders shows (visibility holds only its hash).
-                memo={
-                    search_attributes.MEMO_TOTAL_AMOUNT: total,
-                    search_attributes.MEMO_CUSTOMER_ID: order.customer_id,
-                    search_attributes.MEMO_ORDER_STATE: models.initial_state(order, created_at),
-                },
+                search_attributes=start.search_attributes,
+                memo=start.memo,
                 rpc_timeout=timeout,
             ),
         )
-        return total
+        return start.total
 
     async def state(self, order_id: str) -> models.OrderState:
         """The order as its workflow's last completed task left it, from the memo: no worker

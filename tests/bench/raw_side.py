@@ -14,7 +14,8 @@ environment) and makes the servicer's Temporal calls with the same arguments
 (docs/decisions/0016 and 0017):
 
 - CreateOrder:                 start_workflow, with the memo and the search
-                               attributes the server sets (`start_arguments`);
+                               attributes the server sets (both built by
+                               server/temporal/orders.start_arguments);
 - GetOrder, GetOrderStatus,   DescribeWorkflowExecution, then the memo's
   GetEstimatedDelivery:        state decoded into an OrderState;
 - ConfirmPayment, CancelOrder: the same describe and decode, then the signal;
@@ -40,31 +41,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import (
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from infra import temporal_client
 from infra.keys import Keys
 from infra.process_exit import exit_without_finalization
 from server.api import validation
-from server.temporal.listing import ListFilter, other_runs_query, visibility_query
+from server.temporal.listing import (
+    VISIBILITY_PAGE_SIZE,
+    ListFilter,
+    other_runs_query,
+    visibility_query,
+)
 from server.temporal.listing import Run as ListedRun
-from server.temporal.watching import latest_memo_state
+from server.temporal.orders import StartArguments, decode_state, start_arguments
+from server.temporal.watching import DEFAULT_POLL_TIMEOUT, latest_memo_state
 from tests.bench.measure import Run, cpu_seconds, run_calls
 from tests.support.orders import create_request, payment_request
 from workflows import models, rules, search_attributes
@@ -72,39 +73,7 @@ from workflows.money import Money
 
 # The servicer's cap on each Temporal call (ServerSettings.temporal_rpc_timeout).
 RPC_TIMEOUT = timedelta(seconds=10)
-# WatchOrder's long poll (server/temporal/watching.py, DEFAULT_POLL_TIMEOUT).
-POLL_TIMEOUT = timedelta(seconds=70)
-# The lister's rows per visibility call (server/temporal/listing.py).
-VISIBILITY_PAGE_SIZE = 1000
 CANCEL_REASON = "Benchmark cancel"
-
-
-@dataclass(frozen=True)
-class StartArguments:
-    """start_workflow's input, memo and search attributes for one order."""
-
-    order: models.OrderInput
-    memo: dict[str, Any]
-    search_attributes: TypedSearchAttributes
-
-
-def start_arguments(order: models.OrderInput, customer_id_key: bytes) -> StartArguments:
-    """What `OrderWorkflows.start` (server/temporal/orders.py) passes for this order."""
-    total = models.order_total(order.items)
-    created_at = datetime.now(UTC)
-    customer = search_attributes.customer_key(customer_id_key, order.customer_id)
-    order = dataclasses.replace(order, created_at=created_at, customer_key=customer)
-    return StartArguments(
-        order=order,
-        memo={
-            search_attributes.MEMO_TOTAL_AMOUNT: total,
-            search_attributes.MEMO_CUSTOMER_ID: order.customer_id,
-            search_attributes.MEMO_ORDER_STATE: models.initial_state(order, created_at),
-        },
-        search_attributes=TypedSearchAttributes(
-            search_attributes.for_listing(customer, models.OrderStatus.PENDING, created_at, total)
-        ),
-    )
 
 
 def payment(order_id: str) -> models.PaymentRequest:
@@ -188,12 +157,11 @@ class Raw:
                 wait_new_event=True,
             )
             response = await self.client.workflow_service.get_workflow_execution_history(
-                request, retry=True, timeout=POLL_TIMEOUT
+                request, retry=True, timeout=DEFAULT_POLL_TIMEOUT
             )
             token = response.next_page_token
             if (payload := latest_memo_state(response.history.events)) is not None:
-                [decoded] = await self.client.data_converter.decode([payload], [models.OrderState])
-                state = decoded
+                state = await decode_state(self.client, payload)
             if not token or (state is not None and rules.is_settled(state)):
                 if state is None:
                     raise RuntimeError(f"order {order_id} closed with no state in its memo")
