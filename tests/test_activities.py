@@ -12,9 +12,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from activities.providers.faults import ALL_ACTIVITIES, COMPENSATION_ACTIVITIES,
 from activities.providers.ledger import EffectKind, Ledger, canonical
 from activities.providers.mail import OutboxMailer
 from infra.settings import ProcessSettings
+from tests.support.emails import body_of, read_email
 from tests.support.env import settings_from
 from workflows.models import (
     OUT_OF_STOCK_ERROR,
@@ -94,20 +92,8 @@ def notification(kind: NotificationKind, **changes: object) -> Notification:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def read_email(path: Path) -> EmailMessage:
-    message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
-    assert isinstance(message, EmailMessage)
-    return message
-
-
 def emails_in(outbox: Path) -> list[Path]:
     return sorted(outbox.rglob("*.eml"))
-
-
-def body_of(message: EmailMessage) -> str:
-    part = message.get_body(preferencelist=("plain",))
-    assert isinstance(part, EmailMessage)
-    return str(part.get_content())
 
 
 # --- Registration ------------------------------------------------------------------

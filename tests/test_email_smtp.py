@@ -38,6 +38,7 @@ from activities.email import TITLES, render_notification
 from activities.order_activities import OrderActivities
 from activities.providers import ProviderSettings
 from activities.providers.mail import MailDeliveryError, MailSettings, SmtpMailer, mailer_for
+from tests.support.emails import body_of
 from tests.support.env import free_port
 from tests.support.orders import (
     activity_attempts,
@@ -387,12 +388,6 @@ async def smtp_stack(
         yield stack
     # SMTP replaces the outbox; nothing may be written there.
     assert eml_files(outbox) == []
-
-
-def body_of(message: EmailMessage) -> str:
-    part = message.get_body(preferencelist=("plain",))
-    assert isinstance(part, EmailMessage)
-    return str(part.get_content())
 
 
 def check_email(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from email import message_from_bytes, policy
-from email.message import EmailMessage
-from email.parser import BytesParser
+from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 
 from acme.orders.v1 import order_service_pb2 as pb
+from tests.support.emails import body_of, read_email
 from tests.support.money import assert_money_moved
 from tests.support.orders import (
     LAPTOP_PRICE,
@@ -155,9 +154,8 @@ async def test_a_reason_signalled_straight_to_temporal_is_emailed_harmless(stack
     assert order.cancellation_reason == reason
     await email_workflows(stack.client, created.workflow_id)
     path = stack.outbox / created.order_id / "order_cancelled.eml"
-    message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
-    assert isinstance(message, EmailMessage)
-    body = str(message.get_content())
+    message = read_email(path)
+    body = body_of(message)
     assert 'Reason: "Refund \\"now\\"  Bcc: x@evil.example \ufffdexe.pdf"' in body.splitlines()
     assert "\u202e" not in body
     assert message["Bcc"] is None

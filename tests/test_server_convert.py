@@ -10,6 +10,7 @@ from google.type.money_pb2 import Money as PbMoney
 
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import convert
+from tests.support.orders import pending_state
 from workflows import models
 from workflows.money import Money
 
@@ -134,18 +135,7 @@ def test_no_order_field_is_left_out() -> None:
 
 
 def test_a_new_order_leaves_the_optional_fields_unset() -> None:
-    state = models.OrderState(
-        order_id="ORD-1",
-        customer_id="C",
-        customer_email="",
-        items=[models.OrderItem("P", "N", 1, LAPTOP)],
-        shipping=models.ShippingAddress("a", "b", "c", "d"),
-        status=models.OrderStatus.PENDING,
-        total_amount=LAPTOP,
-        created_at=CREATED,
-        updated_at=CREATED,
-    )
-    order = convert.order_to_proto(state)
+    order = convert.order_to_proto(pending_state("ORD-1", "C", CREATED))
     for name in (
         "payment_info",
         "shipment_info",

@@ -11,7 +11,7 @@ import pytest
 from infra.settings import ProcessSettings, format_duration, parse_duration
 from server.platform.settings import ServerSettings
 from tests.support import docs
-from tests.support.env import settings_from
+from tests.support.env import ROOT, settings_from
 from worker.settings import WorkerSettings
 from workflows import models
 
@@ -183,7 +183,7 @@ def test_the_configuration_reference_is_generated_from_the_models() -> None:
 
 def _decision_0014_names() -> list[tuple[str, list[str], str]]:
     """(variable, flags, process) for every row of decision 0014's "Every name" table."""
-    text = (Path(__file__).parents[1] / "docs/decisions/0014-settings.md").read_text()
+    text = (ROOT / "docs/decisions/0014-settings.md").read_text()
     rows = []
     for line in text.split("## Every name", 1)[1].splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
