@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,15 +31,11 @@ from temporalio.testing import WorkflowEnvironment
 from infra import codec
 from infra.keys import new_keys
 from server import tokens as tokens_cli
-from server.codec_server import (
-    MAX_BODY_BYTES,
-    CodecServer,
-    CodecServerSettings,
-    start_codec_server,
-)
+from server.codec_server import MAX_BODY_BYTES, CodecServer, CodecServerSettings
 from server.platform import tokens
-from tests.support.env import ROOT, clean_environ, venv_binary
-from tests.support.keys import KEYS, key_settings, keys_file
+from tests.support.codec_server import codec_settings, open_codec_server
+from tests.support.env import ROOT, clean_environ, run, venv_binary
+from tests.support.keys import KEYS, keys_file
 from tests.support.orders import create_request
 from tests.support.payloads import json_payloads
 from tests.support.stack import Stack
@@ -112,23 +107,11 @@ def ui_post(server: CodecServer, path: str, body: bytes | str, token: str | None
     return call(server, "POST", path, body, headers)
 
 
-def settings(**changes: Any) -> CodecServerSettings:
-    payload_keys, customer_id_key = key_settings()
-    base: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "payload_keys": payload_keys,
-        "customer_id_key": customer_id_key,
-    }
-    return CodecServerSettings(**{**base, **changes})
-
-
 @pytest.fixture(scope="module")
 def open_server() -> Iterator[CodecServer]:
     """No tokens file: development, on loopback."""
-    server = start_codec_server(settings())
-    yield server
-    server.stop()
+    with open_codec_server() as server:
+        yield server
 
 
 @dataclass
@@ -162,9 +145,8 @@ def callers(tmp_path_factory: pytest.TempPathFactory) -> Callers:
 
 @pytest.fixture(scope="module")
 def guarded_server(callers: Callers) -> Iterator[CodecServer]:
-    server = start_codec_server(settings(auth_tokens_file=callers.path))
-    yield server
-    server.stop()
+    with open_codec_server(auth_tokens_file=callers.path) as server:
+        yield server
 
 
 # --- The protocol --------------------------------------------------------------------------
@@ -237,9 +219,7 @@ async def temporal_show(temporal_address: str, workflow_id: str, *flags: str) ->
     """`temporal workflow show -o json` as an operator types it; (exit status, output)."""
     command = [venv_binary("temporal"), "workflow", "show", "--address", temporal_address]
     command += ["-w", workflow_id, "-o", "json", *flags]
-    done = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=60, env=clean_environ()
-    )
+    done = await run(*command, env=clean_environ())
     return done.returncode, done.stdout + done.stderr
 
 
@@ -361,14 +341,14 @@ def test_with_tokens_only_callers_who_may_read_orders_decode(
 
 def test_beyond_loopback_it_needs_tokens_and_a_tls_proxy(callers: Callers) -> None:
     with pytest.raises(ValidationError, match="without --auth-tokens-file"):
-        settings(host="0.0.0.0")
+        codec_settings(host="0.0.0.0")
     with pytest.raises(ValidationError, match="--allow-insecure-remote"):
-        settings(host="0.0.0.0", auth_tokens_file=callers.path)
-    assert settings(
+        codec_settings(host="0.0.0.0", auth_tokens_file=callers.path)
+    assert codec_settings(
         host="0.0.0.0", auth_tokens_file=callers.path, allow_insecure_remote=True
     ).allow_insecure_remote
     with pytest.raises(ValidationError, match="is not an origin"):
-        settings(allowed_origins="http://localhost:8233/path")
+        codec_settings(allowed_origins="http://localhost:8233/path")
 
 
 # --- python -m server.codec_server -------------------------------------------------------------

@@ -13,13 +13,10 @@ import base64
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 from pydantic import ValidationError
 from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowHistory
@@ -36,6 +33,7 @@ from server.platform.settings import ServerSettings
 from tests.support.env import ROOT, clean_environ
 from tests.support.keys import KEYS, key_settings, keys_file, with_codec
 from tests.support.orders import create_request, email_workflows, payment_request
+from tests.support.payloads import payloads_in
 from tests.support.polling import eventually
 from tests.support.stack import Stack, async_stub, open_stack, order_reaching
 from worker.app import build_worker
@@ -50,28 +48,6 @@ DECLINED = "declined_card"
 
 
 # --- Every payload in a history -----------------------------------------------------------
-
-
-def payloads_in(message: Message, path: str = "") -> Iterator[tuple[str, Payload]]:
-    """Every Payload inside `message`, however deep, with its path (maps and lists too)."""
-    for field, value in message.ListFields():
-        kind = field.message_type
-        if field.type != FieldDescriptor.TYPE_MESSAGE or kind is None:
-            continue
-        name = f"{path}.{field.name}" if path else field.name
-        if kind.GetOptions().map_entry:
-            if kind.fields_by_name["value"].type != FieldDescriptor.TYPE_MESSAGE:
-                continue
-            items = [(f"{name}[{key}]", item) for key, item in value.items()]
-        elif field.is_repeated:
-            items = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
-        else:
-            items = [(name, value)]
-        for where, item in items:
-            if isinstance(item, Payload):
-                yield where, item
-            else:
-                yield from payloads_in(item, where)
 
 
 def history_payloads(history: WorkflowHistory) -> list[tuple[str, Payload]]:
@@ -263,7 +239,9 @@ def test_a_broken_keys_file_is_refused_naming_the_mistake_never_a_key(
 
 
 def test_keys_come_from_a_file_or_from_variables_not_both(tmp_path: Path) -> None:
-    payload_keys, customer_id_key = key_settings()
+    fields = key_settings()
+    # The two that go together, without the page-token keys, which may be left out.
+    payload_keys, customer_id_key = fields["payload_keys"], fields["customer_id_key"]
     from_variables = KeySettings(payload_keys=payload_keys, customer_id_key=customer_id_key)
     assert from_variables.keys.payload_keys == KEYS.payload_keys
     assert from_variables.keys.encrypt_with == KEYS.encrypt_with
@@ -360,15 +338,13 @@ async def test_an_order_started_before_encryption_runs_on_answers_and_completes(
     """Started by a server and worker without keys (as before issue 12), then carried on by
     ones with keys: its old payloads pass through the codec as they are."""
     task_queue = f"orders-before-encryption-{uuid.uuid4().hex[:8]}"
-    payload_keys, customer_id_key = key_settings()
     old_server = await start_server(
         ServerSettings(
             host="127.0.0.1",
             port=0,
             temporal_address=temporal.client.service_client.config.target_host,
             task_queue=task_queue,
-            payload_keys=payload_keys,  # the customer-id key only: the client has no codec
-            customer_id_key=customer_id_key,
+            **key_settings(),  # the customer-id key only is used: the client has no codec
         ),
         client=temporal.client,  # no codec: as every client was before
     )
@@ -380,9 +356,8 @@ async def test_an_order_started_before_encryption_runs_on_answers_and_completes(
         ):
             stub = async_stub(channel)
             created = await stub.CreateOrder(create_request())
-            plain = Stack(temporal.client, task_queue, "", channel, stub, tmp_path)
             await eventually(
-                lambda: plain.stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id)),
+                lambda: stub.GetOrder(pb.GetOrderRequest(order_id=created.order_id)),
                 lambda order: bool(order.inventory_info.reservation_id),
                 what="the inventory reserved by the worker without keys",
             )

@@ -230,14 +230,12 @@ async def test_cancel_twice_is_failed_precondition(stack: Stack) -> None:
 
 
 async def test_temporal_down_is_unavailable_fast_and_not_serving() -> None:
-    payload_keys, customer_id_key = key_settings()
     config = ServerSettings(
         host="127.0.0.1",
         port=0,
         temporal_address=f"127.0.0.1:{free_port()}",
         task_queue="orders-nowhere",
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
+        **key_settings(),
     )
     server = await start_server(config)
     try:

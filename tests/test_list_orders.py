@@ -12,7 +12,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from pydantic import SecretStr
 from temporalio.client import WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import WorkflowEnvironment
@@ -33,11 +32,10 @@ from activities.providers import ProviderSettings
 from infra.keys import new_keys
 from server.platform.app import start_server
 from server.platform.settings import ServerSettings
-from tests.support.env import with_changes
 from tests.support.keys import key_settings
 from tests.support.orders import LAPTOP_PRICE, create_request
 from tests.support.polling import eventually
-from tests.support.stack import Stack, async_stub, order_reaching
+from tests.support.stack import Stack, async_stub, order_reaching, serving
 from worker.app import build_worker
 from workflows import models, search_attributes
 
@@ -445,22 +443,21 @@ async def test_a_page_token_outlives_one_rotation_of_its_key(stack: Stack) -> No
     keys = new_keys()
     rings = [keys, keys.rotated()]
     rings.append(rings[1].rotated())
-    servers = [
-        await start_server(
-            with_changes(
-                stack.server.settings,
-                port=0,
-                page_token_keys=SecretStr(
-                    ",".join(base64.b64encode(key).decode() for key in ring.page_token_keys)
-                ),
-            ),
-            stack.client,
-        )
-        for ring in rings
-    ]
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
-    try:
-        before, once, twice = (async_stub(channel) for channel in channels)
+    async with AsyncExitStack() as opened:
+        servers = [
+            await opened.enter_async_context(
+                serving(stack, page_token_keys=key_settings(ring)["page_token_keys"])
+            )
+            for ring in rings
+        ]
+        before, once, twice = [
+            async_stub(
+                await opened.enter_async_context(
+                    grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+                )
+            )
+            for server in servers
+        ]
         first = await before.ListOrders(pb.ListOrdersRequest(customer_id=customer, page_size=1))
         second = await once.ListOrders(
             pb.ListOrdersRequest(
@@ -478,25 +475,18 @@ async def test_a_page_token_outlives_one_rotation_of_its_key(stack: Stack) -> No
                 pb.ListOrdersRequest(customer_id=customer, page_token=first.next_page_token)
             )
         assert violations(caught.value) == {"page_token": "INVALID_PAGE_TOKEN"}
-    finally:
-        for channel in channels:
-            await channel.close(grace=None)
-        for server in servers:
-            await server.stop(grace=0.5)
 
 
 async def test_an_order_is_listed_at_once_with_no_worker_and_keeps_its_creation_time(
     temporal: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     """Search attributes come with the start: listable before any worker runs the order."""
-    payload_keys, customer_id_key = key_settings()
     settings = ServerSettings(
         host="127.0.0.1",
         port=0,
         temporal_address=temporal.client.service_client.config.target_host,
         task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
+        **key_settings(),
     )
     server = await start_server(settings, client=temporal.client)
     try:

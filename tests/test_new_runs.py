@@ -8,8 +8,6 @@ workflows, so every expectation on it is polled with `eventually`.
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -27,7 +25,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from acme.orders.v1 import order_service_pb2 as pb
 from server.api import ids
-from tests.support.env import clean_environ, venv_binary
+from tests.support.env import clean_environ, run, venv_binary
 from tests.support.orders import create_request, payment_request, pending_state
 from tests.support.polling import eventually
 from tests.support.stack import Stack, next_message, order_reaching, rest_of, watch
@@ -111,13 +109,10 @@ async def first_task_completed(client: Client, workflow_id: str, run_id: str) ->
 
 async def reset_with_the_cli(address: str, workflow_id: str, reset_type: str) -> None:
     """`temporal workflow reset`, as an operator runs it."""
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [
-            venv_binary("temporal"), "workflow", "reset", "--address", address,
-            "--workflow-id", workflow_id, "--type", reset_type, "--reason", "test",
-        ],
-        capture_output=True, text=True, timeout=60, env=clean_environ(),
+    result = await run(
+        venv_binary("temporal"), "workflow", "reset", "--address", address,
+        "--workflow-id", workflow_id, "--type", reset_type, "--reason", "test",
+        env=clean_environ(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 

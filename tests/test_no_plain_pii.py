@@ -27,9 +27,9 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server.codec_server import CodecServerSettings, start_codec_server
+from tests.support.codec_server import open_codec_server
 from tests.support.env import venv_binary
-from tests.support.keys import KEYS, key_settings
+from tests.support.keys import KEYS
 from tests.support.logs import captured_logs
 from tests.support.orders import create_request, email_workflows, payment_request
 from tests.support.payloads import json_payloads
@@ -72,13 +72,7 @@ async def dev_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 def decode_through_codec_server(history_json: str) -> str:
     """The history's payloads POSTed to a codec server's /decode, as the Web UI does; their
     data as text."""
-    payload_keys, customer_id_key = key_settings()
-    server = start_codec_server(
-        CodecServerSettings(
-            host="127.0.0.1", port=0, payload_keys=payload_keys, customer_id_key=customer_id_key
-        )
-    )
-    try:
+    with open_codec_server() as server:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         body = json.dumps({"payloads": json_payloads(history_json)})
         connection.request(
@@ -90,8 +84,6 @@ def decode_through_codec_server(history_json: str) -> str:
         response = connection.getresponse()
         answer = response.read()
         connection.close()
-    finally:
-        server.stop()
     assert response.status == 200, answer
     return "\n".join(
         base64.b64decode(payload.get("data", "")).decode("utf-8", "replace")

@@ -74,15 +74,13 @@ async def refused(call: Awaitable[object]) -> grpc.StatusCode:
 @pytest_asyncio.fixture
 async def server(temporal: WorkflowEnvironment) -> AsyncIterator[OrderServer]:
     """A server on a task queue of its own, which no worker polls yet."""
-    payload_keys, customer_id_key = key_settings()
     settings = ServerSettings(
         host="127.0.0.1",
         port=0,
         temporal_address=temporal.client.service_client.config.target_host,
         task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",
         temporal_rpc_timeout=timedelta(seconds=10),  # what a query would wait for a worker
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
+        **key_settings(),
     )
     server = await start_server(settings, client=temporal.client)
     yield server

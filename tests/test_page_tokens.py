@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from acme.orders.v1 import order_service_pb2 as pb
 from infra.keys import PAGE_TOKEN_KEYS_KEPT, Keys, KeySettings, main, new_key, new_keys
@@ -28,6 +27,7 @@ from server.api.errors import InvalidArgument
 from server.temporal import listing
 from server.temporal.listing import ListFilter, PageToken, PageTokens
 from tests.support.jwt import base64url
+from tests.support.keys import key_settings
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 KEY, OTHER_KEY = bytes(range(32)), bytes(range(32, 64))
@@ -282,13 +282,7 @@ def test_a_keys_file_from_before_page_token_keys_still_loads(tmp_path: Path) -> 
 
 def test_page_token_keys_from_variables() -> None:
     keys = new_keys().rotated()
-    payload = ",".join(f"{i}={base64.b64encode(k).decode()}" for i, k in keys.payload_keys.items())
-    page_token_keys = ",".join(base64.b64encode(k).decode() for k in keys.page_token_keys)
-    loaded = KeySettings(
-        payload_keys=SecretStr(payload),
-        customer_id_key=SecretStr(base64.b64encode(keys.customer_id_key).decode()),
-        page_token_keys=SecretStr(page_token_keys),
-    ).keys
+    loaded = KeySettings(**key_settings(keys)).keys
     assert loaded.page_token_keys == keys.page_token_keys
 
 

@@ -3,7 +3,8 @@
 A raw client of each protocol (the request and response messages of v1 and
 v1alpha are the same on the wire), buf curl as a real client that speaks v1
 only, and grpcurl 1.8.6 (the newest on PyPI) as one that speaks v1alpha only.
-The servers run in front of the servicer tests' stand-in for Temporal.
+The servers run in front of the servicer tests' stand-in for Temporal
+(tests/support/fake_temporal.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from server import tokens as tokens_cli
 from server.platform import tokens
 from server.platform.app import OrderServer, api_descriptors, start_server
 from tests.support.env import ROOT, run, venv_binary, with_changes
-from tests.test_server_servicer import CONFIG, FakeTemporal
+from tests.support.fake_temporal import CONFIG, FakeTemporal
 
 V1 = "grpc.reflection.v1.ServerReflection"
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"

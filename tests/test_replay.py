@@ -38,6 +38,7 @@ from infra import codec
 from infra.keys import new_keys
 from tests.histories import record
 from tests.support.keys import history_keys
+from tests.support.payloads import payloads_in
 from workflows.models import (
     CANCEL_ORDER_SIGNAL,
     CONFIRM_PAYMENT_SIGNAL,
@@ -220,28 +221,25 @@ async def test_history_replays_on_the_current_workflow(file: Path) -> None:
     await replay(load(file), OrderWorkflow)
 
 
+# payloads_in's paths of the payloads counted below: inputs, results, signals and the memo.
+ORDER_DATA = (
+    "workflow_execution_started_event_attributes.input.",
+    "workflow_execution_started_event_attributes.memo.",
+    "activity_task_scheduled_event_attributes.input.",
+    "activity_task_completed_event_attributes.result.",
+    "workflow_execution_signaled_event_attributes.input.",
+    "workflow_execution_completed_event_attributes.result.",
+    "workflow_properties_modified_event_attributes.upserted_memo.",
+)
+
+
 def encrypted_share(file: Path) -> tuple[int, int]:
     """(encrypted, all) payloads of a history's inputs, results, signals and memo."""
-    events = load(file).events
     payloads = [
         payload
-        for event in events
-        for attributes in (
-            event.workflow_execution_started_event_attributes.input,
-            event.activity_task_scheduled_event_attributes.input,
-            event.activity_task_completed_event_attributes.result,
-            event.workflow_execution_signaled_event_attributes.input,
-            event.workflow_execution_completed_event_attributes.result,
-        )
-        for payload in attributes.payloads
-    ] + [
-        payload
-        for event in events
-        for memo in (
-            event.workflow_execution_started_event_attributes.memo,
-            event.workflow_properties_modified_event_attributes.upserted_memo,
-        )
-        for payload in memo.fields.values()
+        for event in load(file).events
+        for where, payload in payloads_in(event)
+        if where.startswith(ORDER_DATA)
     ]
     return sum(codec.is_encrypted(p) for p in payloads), len(payloads)
 

@@ -1,4 +1,5 @@
-"""The OrderService over real gRPC, with an in-memory stand-in for the Temporal client.
+"""The OrderService over real gRPC, with an in-memory stand-in for the Temporal client
+(tests/support/fake_temporal.py).
 
 These check the servicer's own logic (idempotent create, the courtesy checks
 before a signal, the error mapping, timeouts, health, reflection) in
@@ -13,14 +14,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, timedelta
 from typing import TypeVar, cast
 
 import grpc
 import pytest
 import pytest_asyncio
-import temporalio.api.workflowservice.v1 as workflowservice
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -29,147 +29,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.converter import DataConverter
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
 
 from acme.orders.v1 import order_service_pb2 as pb
 from acme.orders.v1 import order_service_pb2_grpc as pb_grpc
 from server.api import ids
 from server.platform.app import OrderServer, start_server
 from server.platform.health import WORKERS, TemporalHealthProber
-from server.platform.settings import ServerSettings
 from tests.support.env import with_changes
-from tests.support.keys import key_settings
+from tests.support.fake_temporal import CONFIG, NOW, FakeTemporal
 from tests.support.orders import money
 from tests.support.polling import eventually
-from workflows import models, search_attributes
+from workflows import models
 from workflows.money import Money
 
 M = TypeVar("M", bound=Message)
 
 LAPTOP = Money("USD", 999, 990_000_000)
-NOW = datetime(2025, 1, 31, 14, 30, 22, tzinfo=UTC)
-
-
-# --- A stand-in for temporalio.client.Client ----------------------------------------------
-
-
-@dataclass
-class FakeWorkflow:
-    state: models.OrderState
-    signals: list[tuple[str, object]] = field(default_factory=list)
-    closed: bool = False
-
-
-class FakeHandle:
-    def __init__(self, temporal: FakeTemporal, workflow_id: str) -> None:
-        self._temporal = temporal
-        self._workflow_id = workflow_id
-
-    async def signal(
-        self, signal: str, arg: object, *, rpc_timeout: timedelta | None = None
-    ) -> None:
-        workflow = await self._temporal.call("signal", rpc_timeout, self._workflow_id)
-        if workflow.closed:
-            raise RPCError("workflow execution already completed", RPCStatusCode.NOT_FOUND, b"")
-        workflow.signals.append((signal, arg))
-
-
-class FakeTemporal:
-    """Just the calls the server makes, with failures to order."""
-
-    def __init__(self) -> None:
-        self.workflows: dict[str, FakeWorkflow] = {}
-        self.starts: list[dict[str, object]] = []
-        self.rpc_timeouts: list[timedelta | None] = []
-        self.failure: BaseException | None = None
-        self.hang = False
-        self.healthy = True
-        self.namespace = "default"
-        self.poller_seen_ago: timedelta | None = None  # None: no worker has polled
-
-    @property
-    def workflow_service(self) -> FakeTemporal:
-        return self
-
-    @property
-    def data_converter(self) -> DataConverter:
-        return DataConverter.default
-
-    async def describe_workflow_execution(
-        self,
-        request: workflowservice.DescribeWorkflowExecutionRequest,
-        **kwargs: object,
-    ) -> workflowservice.DescribeWorkflowExecutionResponse:
-        """The state the workflow keeps in its memo (docs/decisions/0016)."""
-        rpc_timeout = cast(timedelta | None, kwargs.get("timeout"))
-        workflow = await self.call("describe", rpc_timeout, request.execution.workflow_id)
-        [state] = await DataConverter.default.encode([workflow.state])
-        response = workflowservice.DescribeWorkflowExecutionResponse()
-        response.workflow_execution_info.memo.fields[search_attributes.MEMO_ORDER_STATE].CopyFrom(
-            state
-        )
-        return response
-
-    async def get_system_info(self, request: object, **kwargs: object) -> object:
-        if not self.healthy:
-            raise RPCError("tcp connect error", RPCStatusCode.UNAVAILABLE, b"")
-        return object()
-
-    async def describe_task_queue(
-        self, request: workflowservice.DescribeTaskQueueRequest, **kwargs: object
-    ) -> workflowservice.DescribeTaskQueueResponse:
-        assert request.task_queue.name == CONFIG.task_queue
-        response = workflowservice.DescribeTaskQueueResponse()
-        if self.poller_seen_ago is not None:
-            response.pollers.add().last_access_time.FromDatetime(
-                datetime.now(UTC) - self.poller_seen_ago
-            )
-        return response
-
-    async def call(
-        self, kind: str, rpc_timeout: timedelta | None, workflow_id: str
-    ) -> FakeWorkflow:
-        self.rpc_timeouts.append(rpc_timeout)
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.failure is not None:
-            raise self.failure
-        if workflow_id not in self.workflows:
-            raise RPCError(
-                f"workflow not found for ID: {workflow_id}", RPCStatusCode.NOT_FOUND, b""
-            )
-        return self.workflows[workflow_id]
-
-    def get_workflow_handle(self, workflow_id: str) -> FakeHandle:
-        return FakeHandle(self, workflow_id)
-
-    async def start_workflow(self, workflow: str, arg: models.OrderInput, **kwargs: object) -> None:
-        self.rpc_timeouts.append(cast(timedelta, kwargs["rpc_timeout"]))
-        if self.failure is not None:
-            raise self.failure
-        self.starts.append({"workflow": workflow, "arg": arg, **kwargs})
-        workflow_id = str(kwargs["id"])
-        if workflow_id in self.workflows:
-            raise WorkflowAlreadyStartedError(workflow_id, workflow)
-        self.workflows[workflow_id] = FakeWorkflow(
-            models.OrderState(
-                order_id=arg.order_id,
-                customer_id=arg.customer_id,
-                customer_email=arg.customer_email,
-                items=arg.items,
-                shipping=arg.shipping,
-                status=models.OrderStatus.PENDING,
-                total_amount=models.order_total(arg.items),
-                created_at=NOW,
-                updated_at=NOW,
-                request_fingerprint=arg.request_fingerprint,
-            )
-        )
-
-    def order(self, order_id: str) -> FakeWorkflow:
-        return self.workflows[models.workflow_id_for(order_id)]
 
 
 # --- Fixtures and helpers -------------------------------------------------------------
@@ -181,18 +56,6 @@ class Harness:
     server: OrderServer
     channel: grpc.aio.Channel
     stub: pb_grpc.OrderServiceAsyncStub
-
-
-_PAYLOAD_KEYS, _CUSTOMER_ID_KEY = key_settings()
-CONFIG = ServerSettings(
-    host="127.0.0.1",
-    port=0,
-    task_queue="orders-unit",
-    payment_timeout=timedelta(seconds=600),
-    temporal_rpc_timeout=timedelta(seconds=2),
-    payload_keys=_PAYLOAD_KEYS,
-    customer_id_key=_CUSTOMER_ID_KEY,
-)
 
 
 @pytest_asyncio.fixture
@@ -688,22 +551,6 @@ async def test_health_over_grpc(harness: Harness) -> None:
             break
         await asyncio.sleep(0.01)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-async def test_reflection_lists_the_services(harness: Harness) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
-    call = stub.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-    )
-    services: set[str] = set()
-    async for response in call:
-        services |= {s.name for s in response.list_services_response.service}
-    assert services == {
-        "acme.orders.v1.OrderService",
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-        "grpc.reflection.v1alpha.ServerReflection",
-    }
 
 
 async def test_reflection_sends_json_names(harness: Harness) -> None:

@@ -14,9 +14,8 @@ from packaging.version import Version
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
-from server.codec_server import CodecServerSettings, start_codec_server
+from tests.support.codec_server import open_codec_server
 from tests.support.env import ROOT, clean_environ, run, venv_binary
-from tests.support.keys import key_settings
 from tests.support.orders import create_request
 from tests.support.stack import Stack, order_reaching
 
@@ -106,16 +105,8 @@ async def test_temporal_cli_uses_the_seed_names(
     created = await stack.stub.CreateOrder(create_request())
     address = temporal.client.service_client.config.target_host
     temporal_cli = venv_binary("temporal")
-    payload_keys, customer_id_key = key_settings()
-    codec_server = start_codec_server(
-        CodecServerSettings(
-            host="127.0.0.1", port=0, payload_keys=payload_keys, customer_id_key=customer_id_key
-        )
-    )
-    try:
+    with open_codec_server() as codec_server:
         await _use_the_seed_names(stack, created, temporal_cli, address, codec_server.url)
-    finally:
-        codec_server.stop()
 
 
 async def _use_the_seed_names(

@@ -188,13 +188,8 @@ def reason(err: grpc.aio.AioRpcError) -> str:
 
 
 async def test_temporal_down_is_unavailable() -> None:
-    payload_keys, customer_id_key = key_settings()
     config = ServerSettings(
-        host="127.0.0.1",
-        port=0,
-        temporal_address=f"127.0.0.1:{free_port()}",
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
+        host="127.0.0.1", port=0, temporal_address=f"127.0.0.1:{free_port()}", **key_settings()
     )
     server = await start_server(config)
     try:

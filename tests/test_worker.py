@@ -169,12 +169,10 @@ def order_input(order_id: str) -> OrderInput:
 
 async def test_run_worker_runs_an_order_and_stops(temporal_address: str, tmp_path: Path) -> None:
     task_queue = f"orders-worker-test-{uuid.uuid4().hex[:8]}"
-    payload_keys, customer_id_key = key_settings()
     settings = WorkerSettings(
         temporal_address=temporal_address,
         task_queue=task_queue,
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
+        **key_settings(),
         **ProviderSettings.instant(tmp_path / "outbox").model_dump(),
     )
     stop = asyncio.Event()

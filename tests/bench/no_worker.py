@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Awaitable
 
 import grpc
-from pydantic import SecretStr
 from temporalio.testing import WorkflowEnvironment
 
 from acme.orders.v1 import order_service_pb2 as pb
@@ -27,7 +26,7 @@ from infra.process_exit import exit_without_finalization
 from server.platform.app import start_server
 from server.platform.settings import ServerSettings
 from tests.support.env import venv_binary
-from tests.support.keys import key_settings, key_variables
+from tests.support.keys import key_settings
 from tests.support.orders import create_request, money, payment_request
 from tests.support.stack import async_stub
 from tests.support.stats import percentile
@@ -53,15 +52,12 @@ async def measure() -> dict[str, list[float]]:
             rpc = f"{rpc} ({err.code().name})"
         seconds[rpc].append(time.perf_counter() - started)
 
-    payload_keys, customer_id_key = key_settings()
     settings = ServerSettings(
         host="127.0.0.1",
         port=0,
         temporal_address=env.client.service_client.config.target_host,
         task_queue=f"orders-no-worker-{uuid.uuid4().hex[:8]}",  # nobody polls it
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
-        page_token_keys=SecretStr(key_variables()["ORDER_PAGE_TOKEN_KEYS"]),
+        **key_settings(),
     )
     client = await temporal_client.connect(settings, keys=settings.keys)
     server = await start_server(settings, client=client)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import SecretStr
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
@@ -34,7 +33,7 @@ from server.platform.app import OrderServer, start_server
 from server.platform.settings import ServerSettings
 from tests.support import counting_proxy as methods
 from tests.support.counting_proxy import CountingProxy
-from tests.support.keys import key_settings, key_variables, with_codec
+from tests.support.keys import key_settings, with_codec
 from tests.support.orders import create_request, money, payment_request
 from tests.support.polling import eventually
 from tests.support.stack import async_stub, next_message, rest_of
@@ -88,7 +87,6 @@ async def counted_stack(client: Client, outbox: Path) -> AsyncIterator[CountedSt
     task_queue = f"orders-counted-{uuid.uuid4().hex[:8]}"
     activities = OrderActivities(ProviderSettings.instant(outbox))
     client = with_codec(client)  # the worker encrypts as the server does
-    payload_keys, customer_id_key = key_settings()
     async with CountingProxy(client.service_client.config.target_host) as proxy:
         settings = ServerSettings(
             host="127.0.0.1",
@@ -96,9 +94,7 @@ async def counted_stack(client: Client, outbox: Path) -> AsyncIterator[CountedSt
             temporal_address=proxy.address,
             temporal_namespace=client.namespace,
             task_queue=task_queue,
-            payload_keys=payload_keys,
-            customer_id_key=customer_id_key,
-            page_token_keys=SecretStr(key_variables()["ORDER_PAGE_TOKEN_KEYS"]),
+            **key_settings(),
         )
         proxied = await temporal_client.connect(settings, keys=settings.keys)
         async with build_worker(client, task_queue, activities):

@@ -43,10 +43,13 @@ def free_port() -> int:
         return port
 
 
-async def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs a command without blocking the event loop the servers live on."""
+async def run(
+    *args: str, stdin: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs a command without blocking the event loop the servers live on; with `env` as its
+    whole environment if given (e.g. clean_environ()), else with this process's."""
     return await asyncio.to_thread(
-        subprocess.run, args, input=stdin, capture_output=True, text=True, timeout=60
+        subprocess.run, args, input=stdin, capture_output=True, text=True, timeout=60, env=env
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import TypedDict
 
 from pydantic import SecretStr
 from temporalio.client import Client
@@ -57,10 +58,23 @@ def key_variables(keys: Keys = KEYS) -> dict[str, str]:
     }
 
 
-def key_settings(keys: Keys = KEYS) -> tuple[SecretStr, SecretStr]:
-    """`keys` as the settings payload_keys and customer_id_key."""
+class KeyFields(TypedDict):
+    """The fields of infra.keys.KeySettings, which the server's, the worker's and the codec
+    server's settings all take."""
+
+    payload_keys: SecretStr
+    customer_id_key: SecretStr
+    page_token_keys: SecretStr
+
+
+def key_settings(keys: Keys = KEYS) -> KeyFields:
+    """`keys` as a process's settings fields: `ServerSettings(..., **key_settings())`."""
     variables = key_variables(keys)
-    return SecretStr(variables["ORDER_PAYLOAD_KEYS"]), SecretStr(variables["ORDER_CUSTOMER_ID_KEY"])
+    return KeyFields(
+        payload_keys=SecretStr(variables["ORDER_PAYLOAD_KEYS"]),
+        customer_id_key=SecretStr(variables["ORDER_CUSTOMER_ID_KEY"]),
+        page_token_keys=SecretStr(variables["ORDER_PAGE_TOKEN_KEYS"]),
+    )
 
 
 def _b64(key: bytes) -> str:

@@ -99,7 +99,6 @@ async def open_stack(
     """
     task_queue = task_queue or f"orders-test-{uuid.uuid4().hex[:8]}"
     client = with_codec(client, keys)
-    payload_keys, customer_id_key = key_settings(keys)
     activities = OrderActivities(simulation or ProviderSettings.instant(outbox))
     config = ServerSettings(
         host="127.0.0.1",
@@ -108,8 +107,7 @@ async def open_stack(
         temporal_namespace=client.namespace,
         task_queue=task_queue,
         payment_timeout=timedelta(seconds=payment_timeout_seconds),
-        payload_keys=payload_keys,
-        customer_id_key=customer_id_key,
+        **key_settings(keys),
     )
     async with build_worker(client, task_queue, activities):
         server = await start_server(config, client=client)
