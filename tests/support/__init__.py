@@ -11,7 +11,10 @@
 - docs: `make docs`;
 - keys, jwt, access: the keys encrypted with, an identity provider and a guarded server,
   each role's RPCs and a call of every RPC;
-- logs, payloads, spans: what the processes log, a history's payloads, a server's spans;
+- logs, payloads, spans, emails: what the processes log, a history's payloads, a server's
+  spans, the emails the outbox holds;
+- codec_server, fake_temporal: a codec server in this process, a Temporal that answers
+  from memory for the servicer's unit tests;
 - proxy, counting_proxy, h2_client, call_counts: a TCP proxy, a counting gRPC proxy in
   front of Temporal, a client that never reads, the Temporal calls per RPC.
 """
